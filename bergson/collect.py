@@ -1,0 +1,355 @@
+"""High-level collection: tokenize, batch by token budget, run forward + backward under the hooks.
+
+* :func:`collect_gradients` — one feature row per example (``gradients``), plus ``loss`` and
+  ``num_tokens``, as a ``datasets.Dataset`` joined to the input columns.
+* :func:`fit_normalizers` — Adafactor or Adam second moments fitted from data: the mean over
+  documents of each per-example gradient's squares (row/column means for Adafactor, found from
+  ``S×S`` Gram matrices when that is cheaper than forming ``G``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from bergson_kernels import reference
+
+from .data import LOSS_REDUCTIONS, Tokenized, pad_batch, per_example_loss, token_batches, tokenize
+from .hooks import GradientCollector, _LayerHooks
+from .layers import LayerSpec
+from .normalizers import NORMALIZER_KINDS, AdafactorNormalizer, AdamNormalizer, Normalizer
+
+Tensor = torch.Tensor
+OUTPUT_COLUMNS = ("gradients", "loss", "num_tokens")
+
+
+def _as_dataset(dataset):
+    if hasattr(dataset, "column_names"):
+        return dataset
+    import datasets
+
+    rows = list(dataset)
+    if rows and isinstance(rows[0], str):
+        return datasets.Dataset.from_dict({"text": rows})
+    return datasets.Dataset.from_list(rows)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        raise ValueError(f"{type(model).__name__} has no parameters") from None
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer is None:
+        return 0
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def _logits(out) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, (tuple, list)):
+        logits = out[0]
+    if logits is None:
+        raise ValueError(f"the model returned {type(out).__name__} without logits: is it a causal LM?")
+    return logits
+
+
+def run_batches(
+    model: nn.Module,
+    tok: Tokenized,
+    *,
+    loss_reduction: str,
+    token_batch_size: int,
+    pad_id: int = 0,
+    on_batch: Callable[[list[int], Tensor], None] | None = None,
+    before_batch: Callable[[list[int]], None] | None = None,
+    progress: bool = True,
+    desc: str = "collecting",
+    skip: int = 0,
+) -> None:
+    """Forward + backward every batch (eval mode, restored after); ``on_batch(indices, losses)``.
+
+    Documents shorter than two tokens have no loss and are not run (their gradient is zero).
+    ``skip`` batches at the start are passed over (resuming).
+    """
+    from tqdm.auto import tqdm
+
+    device = _model_device(model)
+    runnable = [i for i, n in enumerate(tok.lengths) if n >= 2]
+    batches = [[runnable[j] for j in b] for b in token_batches([tok.lengths[i] for i in runnable], token_batch_size)]
+    was_training = model.training
+    model.eval()
+    total_tokens = sum(tok.lengths[i] for b in batches[skip:] for i in b)
+    bar = tqdm(total=total_tokens, desc=desc, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    try:
+        docs = 0
+        for idx in batches[skip:]:
+            ids, mask, labels = pad_batch([tok.input_ids[i] for i in idx], [tok.labels[i] for i in idx], pad_id, device)
+            if before_batch is not None:
+                before_batch(idx)
+            logits = _logits(model(input_ids=ids, attention_mask=mask))
+            losses = per_example_loss(logits, labels, loss_reduction)
+            losses.sum().backward()
+            if on_batch is not None:
+                on_batch(idx, losses.detach())
+            docs += len(idx)
+            bar.update(sum(tok.lengths[i] for i in idx))
+            bar.set_postfix(docs=docs, refresh=False)
+    finally:
+        bar.close()
+        model.train(was_training)
+
+
+def _tokenized(dataset, tokenizer, prompt_column, completion_column, max_length) -> Tokenized:
+    if isinstance(dataset, Tokenized):
+        return dataset
+    return tokenize(
+        _as_dataset(dataset),
+        tokenizer,
+        prompt_column=prompt_column,
+        completion_column=completion_column,
+        max_length=max_length,
+    )
+
+
+def _check_common(loss_reduction: str, token_batch_size: int):
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+    if token_batch_size < 1:
+        raise ValueError(f"token_batch_size must be >= 1, got {token_batch_size}")
+
+
+# ---------------------------------------------------------------------------------------
+# fitting second moments from data
+# ---------------------------------------------------------------------------------------
+class _MomentHooks(_LayerHooks):
+    """Accumulate the mean over examples of ``G⊙G`` (Adam) or its row/column means (Adafactor)."""
+
+    def __init__(self, model, *, kind: str, target_modules=None, include_bias=False):
+        super().__init__(model, target_modules=target_modules)
+        self.kind = kind
+        self.include_bias = include_bias
+        self.count = 0
+        self.sums: dict[str, dict[str, Tensor]] = {}
+
+    def _forward(self, spec, x):
+        return x
+
+    def _backward(self, spec, x, g):
+        return g, x
+
+    def _complete(self, spec: LayerSpec, partials: list) -> None:
+        g = torch.cat([p[0] for p in partials], dim=1)  # several calls of one layer: one longer sequence
+        x = torch.cat([p[1] for p in partials], dim=1)
+        dt = reference.compute_dtype(g, x)
+        g, x = g.to(dt), x.to(dt)
+        n, s, o = g.shape
+        i = x.shape[-1]
+        acc = self.sums.setdefault(spec.name, {})
+
+        def add(key, value):
+            acc[key] = acc[key] + value if key in acc else value
+
+        if self.kind == "adafactor" and s * (o + i) < o * i:
+            rows, cols = reference.grad_sq_row_col_padded(g, x)
+            add("row", rows.sum(0) / i)
+            add("col", cols.sum(0) / o)
+        else:
+            step = max(1, reference.ADAM_CHUNK_BYTES // (o * i * 8))
+            for k in range(0, n, step):
+                sq = torch.bmm(g[k : k + step].transpose(1, 2), x[k : k + step]).square_()  # [c, O, I]
+                if self.kind == "adam":
+                    add("avg_sq", sq.sum(0))
+                else:
+                    add("row", sq.mean(2).sum(0))
+                    add("col", sq.mean(1).sum(0))
+        if self.include_bias and spec.has_bias:
+            add("bias", g.sum(1).square().sum(0))
+
+    def result(self, count: int) -> dict[str, Normalizer]:
+        out: dict[str, Normalizer] = {}
+        for name, acc in self.sums.items():
+            m = {k: (v / count).float().cpu() for k, v in acc.items()}
+            if self.kind == "adam":
+                out[name] = AdamNormalizer(m["avg_sq"], bias=m.get("bias"))
+            else:
+                out[name] = AdafactorNormalizer(m["row"], m["col"], bias=m.get("bias"))
+        return out
+
+
+def fit_normalizers(
+    model: nn.Module,
+    dataset,
+    *,
+    kind: str = "adafactor",
+    max_examples: int | None = 1000,
+    tokenizer=None,
+    prompt_column: str = "text",
+    completion_column: str | None = None,
+    loss_reduction: str = "sum",
+    token_batch_size: int = 4096,
+    max_length: int | None = None,
+    target_modules=None,
+    include_bias: bool = False,
+    progress: bool = True,
+) -> dict[str, Normalizer]:
+    """Fit second moments from data: ``E_n[G_n ⊙ G_n]`` (``kind="adam"``) or its row and column
+    means (``kind="adafactor"``), over the first ``max_examples`` examples (all when ``None``).
+
+    ``dataset`` is raw text (with ``tokenizer``) or already tokenized, exactly as for
+    :func:`collect_gradients`.  Returns ``{layer name: normalizer}``.
+    """
+    if kind not in ("adafactor", "adam"):
+        raise ValueError(f"kind must be 'adafactor' or 'adam', got {kind!r}")
+    _check_common(loss_reduction, token_batch_size)
+    tok = _tokenized(dataset, tokenizer, prompt_column, completion_column, max_length)
+    if max_examples is not None:
+        if max_examples < 1:
+            raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+        tok = tok.select(range(min(max_examples, len(tok))))
+    hooks = _MomentHooks(model, kind=kind, target_modules=target_modules, include_bias=include_bias)
+    with hooks:
+        run_batches(
+            model,
+            tok,
+            loss_reduction=loss_reduction,
+            token_batch_size=token_batch_size,
+            pad_id=_pad_id(tokenizer),
+            progress=progress,
+            desc=f"fitting {kind} moments",
+        )
+    return hooks.result(len(tok))
+
+
+# ---------------------------------------------------------------------------------------
+# collection
+# ---------------------------------------------------------------------------------------
+def collect_gradients(
+    model: nn.Module,
+    dataset,
+    *,
+    tokenizer=None,
+    prompt_column: str = "text",
+    completion_column: str | None = None,
+    projection_dim: int = 16,
+    normalizer: str = "adafactor",
+    normalizers: dict[str, Normalizer] | None = None,
+    fit_examples: int | None = 1000,
+    loss_reduction: str = "sum",
+    token_batch_size: int = 4096,
+    max_length: int | None = None,
+    target_modules: Sequence[str] | str | None = None,
+    include_bias: bool = False,
+    backend: str = "auto",
+    seed: int = 0,
+    projection_type: str = "rademacher",
+    progress: bool = True,
+):
+    """Per-example projected, normalized gradients of every example of ``dataset``.
+
+    Args:
+        model: a causal LM (``model(input_ids=..., attention_mask=...)`` returning logits).
+        dataset: a ``datasets.Dataset`` (or a list of strings / dicts) with raw text in
+            ``prompt_column`` (and ``completion_column``), or already tokenized (``input_ids``,
+            optional ``labels`` with ``-100`` for tokens outside the loss) when ``tokenizer`` is None.
+        completion_column: if given, only the completion's tokens are in the loss.
+        projection_dim: ``p`` (feature ``p*p`` per layer); ``0`` keeps the full gradient.
+        normalizer: ``"adafactor"``, ``"adam"`` or ``"none"``; when ``normalizers`` is not given,
+            second moments of that kind are fitted from the first ``fit_examples`` examples.
+        normalizers: ``{layer: normalizer}`` to use as given (e.g. from
+            :func:`bergson.normalizers_from_optimizer`); ``normalizer`` is then ignored.
+        loss_reduction: ``"sum"`` of token losses per document (default) or ``"mean"``.
+        token_batch_size: at most this many (padded) tokens per batch.
+        max_length: truncate documents to this many tokens.
+        target_modules, include_bias, backend, seed, projection_type: see
+            :class:`bergson.GradientCollector`.
+
+    Returns:
+        A ``datasets.Dataset`` with the input columns plus ``gradients`` (float32, the layers'
+        features concatenated in model order — the ``layout`` of the collector), ``loss`` and
+        ``num_tokens`` (tokens of the document after truncation).  Examples shorter than two
+        tokens have no loss: their row is zero.
+    """
+    import datasets
+
+    if normalizer not in NORMALIZER_KINDS:
+        raise ValueError(f"normalizer must be one of {NORMALIZER_KINDS}, got {normalizer!r}")
+    _check_common(loss_reduction, token_batch_size)
+    ds = _as_dataset(dataset)
+    clash = [c for c in OUTPUT_COLUMNS if c in ds.column_names]
+    if clash:
+        raise ValueError(f"the dataset already has column(s) {clash}; rename them before collecting")
+    tok = _tokenized(ds, tokenizer, prompt_column, completion_column, max_length)
+    # Build the collector first: it validates the model and options before any fitting pass.
+    collector = GradientCollector(
+        model,
+        projection_dim=projection_dim,
+        target_modules=target_modules,
+        include_bias=include_bias,
+        backend=backend,
+        seed=seed,
+        projection_type=projection_type,
+    )
+    if normalizers is None and normalizer != "none":
+        normalizers = fit_normalizers(
+            model,
+            tok,
+            kind=normalizer,
+            max_examples=fit_examples,
+            loss_reduction=loss_reduction,
+            token_batch_size=token_batch_size,
+            target_modules=list(collector.layers),
+            include_bias=include_bias,
+            progress=progress,
+            tokenizer=tokenizer,
+        )
+    collector.set_normalizers(normalizers)
+    layout = {name: (off, d) for name, off, d in collector.layout}
+    out = torch.zeros(len(tok), collector.total_dim, dtype=torch.float32)
+    losses = torch.zeros(len(tok), dtype=torch.float32)
+    batch: dict = {}
+
+    def before_batch(idx):
+        batch["idx"] = torch.tensor(idx, dtype=torch.long)
+
+    def closure(name, feats):
+        off, d = layout[name]
+        out[batch["idx"], off : off + d] = feats.to("cpu", torch.float32)
+
+    def on_batch(idx, batch_losses):
+        losses[batch["idx"]] = batch_losses.to("cpu", torch.float32)
+
+    collector.closure = closure
+    with collector:
+        run_batches(
+            model,
+            tok,
+            loss_reduction=loss_reduction,
+            token_batch_size=token_batch_size,
+            pad_id=_pad_id(tokenizer),
+            on_batch=on_batch,
+            before_batch=before_batch,
+            progress=progress,
+        )
+    seq = getattr(datasets, "List", None) or datasets.Sequence  # datasets < 4 has no List
+    features = datasets.Features(
+        {
+            "gradients": seq(datasets.Value("float32"), length=out.shape[1]),
+            "loss": datasets.Value("float32"),
+            "num_tokens": datasets.Value("int64"),
+        }
+    )
+    extra = datasets.Dataset.from_dict(
+        {"gradients": out.numpy(), "loss": losses.numpy(), "num_tokens": list(tok.lengths)}, features=features
+    )
+    return datasets.concatenate_datasets([ds, extra], axis=1)

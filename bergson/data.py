@@ -1,0 +1,169 @@
+"""Tokenization, token-budget batching and the per-example loss.
+
+An example is a list of token ids plus a list of labels (``-100`` = not in the loss).  Raw
+text is tokenized from ``prompt_column``; with ``completion_column`` the prompt tokens get
+label ``-100`` so only the completion is in the loss.  Already tokenized datasets
+(``input_ids``, optional ``labels``) are used as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+LOSS_REDUCTIONS = ("sum", "mean")
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    truncated: int = 0  # documents cut to max_length
+    lengths: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.lengths:
+            self.lengths = [len(x) for x in self.input_ids]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def select(self, idx: Sequence[int]) -> "Tokenized":
+        return Tokenized([self.input_ids[i] for i in idx], [self.labels[i] for i in idx])
+
+
+def _columns(dataset) -> list[str]:
+    return list(getattr(dataset, "column_names", None) or [])
+
+
+def check_column(dataset, column: str, role: str) -> None:
+    cols = _columns(dataset)
+    if column not in cols:
+        raise ValueError(f"{role} {column!r} is not a column of the dataset; available columns: {cols}")
+
+
+def tokenize(
+    dataset,
+    tokenizer=None,
+    *,
+    prompt_column: str = "text",
+    completion_column: str | None = None,
+    max_length: int | None = None,
+    batch_size: int = 1000,
+) -> Tokenized:
+    """Tokenize a ``datasets.Dataset`` (or anything with ``column_names`` and ``__getitem__``)."""
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: nothing to collect")
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (a loss needs two tokens), got {max_length}")
+    cols = _columns(dataset)
+    if tokenizer is None:
+        if "input_ids" not in cols:
+            raise ValueError(
+                f"no tokenizer given and the dataset has no 'input_ids' column; available columns: {cols}"
+            )
+        ids = [list(map(int, x)) for x in dataset["input_ids"]]
+        labels = [list(map(int, x)) for x in dataset["labels"]] if "labels" in cols else [list(x) for x in ids]
+    else:
+        check_column(dataset, prompt_column, "prompt_column")
+        if completion_column is not None:
+            check_column(dataset, completion_column, "completion_column")
+        ids, labels = [], []
+        for start in range(0, len(dataset), batch_size):
+            rows = dataset[start : start + batch_size]
+            prompts = [_as_text(t, prompt_column) for t in rows[prompt_column]]
+            p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+            if completion_column is None:
+                ids.extend(p_ids)
+                labels.extend(list(x) for x in p_ids)
+            else:
+                comps = [_as_text(t, completion_column) for t in rows[completion_column]]
+                c_ids = tokenizer(comps, add_special_tokens=False)["input_ids"]
+                for a, b in zip(p_ids, c_ids):
+                    ids.append(list(a) + list(b))
+                    labels.append([IGNORE_INDEX] * len(a) + list(b))
+    truncated = 0
+    if max_length is not None:
+        for i, x in enumerate(ids):
+            if len(x) > max_length:
+                ids[i], labels[i] = x[:max_length], labels[i][:max_length]
+                truncated += 1
+    for i, (x, y) in enumerate(zip(ids, labels)):
+        if len(x) != len(y):
+            raise ValueError(f"row {i}: input_ids has {len(x)} tokens but labels has {len(y)}")
+    if all(len(x) == 0 for x in ids):
+        raise ValueError("every document is empty after tokenization")
+    return Tokenized(ids, labels, truncated)
+
+
+def _as_text(value: Any, column: str) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    raise ValueError(f"column {column!r} must hold strings, found {type(value).__name__}")
+
+
+def token_batches(lengths: Sequence[int], token_batch_size: int) -> list[list[int]]:
+    """Group example indices into batches of at most ``token_batch_size`` padded tokens.
+
+    Examples are sorted by length (longest first) so padding is small; a document longer than
+    the budget gets a batch of its own.
+    """
+    if token_batch_size < 1:
+        raise ValueError(f"token_batch_size must be >= 1, got {token_batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    cur_max = 0
+    for i in order:
+        n = max(lengths[i], 1)
+        width = max(cur_max, n)
+        if cur and width * (len(cur) + 1) > token_batch_size:
+            batches.append(cur)
+            cur, width = [], n
+        cur.append(i)
+        cur_max = width
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def pad_batch(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int = 0, device=None):
+    """Right-pad a batch: ``(input_ids [B, S], attention_mask [B, S], labels [B, S])``."""
+    width = max(max((len(x) for x in ids), default=1), 1)
+    b = len(ids)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    lab = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
+    for r, (x, y) in enumerate(zip(ids, labels)):
+        n = len(x)
+        if n:
+            input_ids[r, :n] = torch.tensor(x, dtype=torch.long)
+            lab[r, :n] = torch.tensor(y, dtype=torch.long)
+            mask[r, :n] = 1
+    return input_ids.to(device), mask.to(device), lab.to(device)
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Next-token cross-entropy per example: ``logits [B, S, V]``, ``labels [B, S]`` -> ``[B]``.
+
+    Token ``t`` predicts ``labels[t+1]``; labels of ``-100`` contribute nothing.  ``"sum"``
+    (default) adds the token losses, ``"mean"`` divides by the example's number of loss tokens
+    (examples without any give 0).  Summing the result over the batch gives every example its
+    own gradient, independent of which other examples share the batch.
+    """
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
+    logits = logits[:, :-1]
+    target = labels[:, 1:].to(logits.device)
+    tok = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(target.shape)
+    loss = tok.sum(1)
+    if reduction == "mean":
+        loss = loss / (target != IGNORE_INDEX).sum(1).clamp_min(1)
+    return loss

@@ -1,0 +1,112 @@
+"""collect_gradients end to end: text in, a Dataset with one feature row per example out."""
+
+import datasets
+import pytest
+import torch
+
+import bergson
+from bergson import GradientCollector
+from bergson.data import IGNORE_INDEX, token_batches
+from tests.models import CORPUS, ground_truth, make_model, rel_err
+
+
+@pytest.fixture
+def text_ds():
+    return datasets.Dataset.from_dict({"text": CORPUS, "idx": list(range(len(CORPUS)))})
+
+
+def test_full_gradients_match_ground_truth_in_input_order(tokenizer, text_ds):
+    model = make_model("gpt2", dtype=torch.float64)
+    out = bergson.collect_gradients(
+        model, text_ds, tokenizer=tokenizer, projection_dim=0, normalizer="none", token_batch_size=40, progress=False
+    )
+    assert out.column_names == ["text", "idx", "gradients", "loss", "num_tokens"]
+    assert out["idx"] == list(range(len(CORPUS)))
+    ids = [tokenizer(t)["input_ids"] for t in CORPUS]
+    assert out["num_tokens"] == [len(x) for x in ids]
+    layers = GradientCollector(model).layers
+    gt = ground_truth(model, layers, ids)
+    grads = out.with_format("torch")[:]["gradients"]
+    for n in range(len(CORPUS)):
+        want = torch.cat([gt[n][name].flatten() for name in layers])
+        assert rel_err(grads[n], want) < 1e-6  # stored as float32
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_features_do_not_depend_on_batching(tokenizer, text_ds):
+    model = make_model("llama")
+    kw = dict(tokenizer=tokenizer, projection_dim=6, normalizer="adafactor", progress=False, fit_examples=3)
+    small = bergson.collect_gradients(model, text_ds, token_batch_size=1, **kw)
+    big = bergson.collect_gradients(model, text_ds, token_batch_size=10_000, **kw)
+    a = small.with_format("torch")[:]["gradients"]
+    b = big.with_format("torch")[:]["gradients"]
+    assert a.shape == (len(CORPUS), GradientCollector(model).layers.__len__() * 36)
+    assert rel_err(a, b) < 1e-5
+    assert torch.allclose(torch.tensor(small["loss"]), torch.tensor(big["loss"]), rtol=1e-5)
+
+
+def test_completion_only_loss_and_mean_reduction(tokenizer):
+    model = make_model("neox", dtype=torch.float64)
+    ds = datasets.Dataset.from_dict({"q": ["the cat sat", "a quick"], "a": [" on the mat", " brown fox jumps"]})
+    out = bergson.collect_gradients(
+        model, ds, tokenizer=tokenizer, prompt_column="q", completion_column="a",
+        projection_dim=0, normalizer="none", loss_reduction="mean", progress=False,
+    )
+    layers = GradientCollector(model).layers
+    ids, labels = [], []
+    for q, a in zip(ds["q"], ds["a"]):
+        p, c = tokenizer(q)["input_ids"], tokenizer(a, add_special_tokens=False)["input_ids"]
+        ids.append(p + c)
+        labels.append([IGNORE_INDEX] * len(p) + c)
+    gt = ground_truth(model, layers, ids, labels, reduction="mean")
+    grads = out.with_format("torch")[:]["gradients"]
+    for n in range(2):
+        assert rel_err(grads[n], torch.cat([gt[n][k].flatten() for k in layers])) < 1e-6
+    # the prompt is not in the loss: the sum-reduced gradient is (number of completion tokens) × the mean one
+    summed = bergson.collect_gradients(
+        model, ds, tokenizer=tokenizer, prompt_column="q", completion_column="a",
+        projection_dim=0, normalizer="none", progress=False,
+    )
+    n_comp = len(tokenizer(ds["a"][1], add_special_tokens=False)["input_ids"])
+    s = summed.with_format("torch")[:]["gradients"]
+    assert rel_err(s[1], n_comp * grads[1]) < 1e-6
+
+
+def test_pretokenized_input_and_normalizers_given():
+    model = make_model("llama")
+    ds = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7, 8], [9, 10, 11], [12]]})
+    norms = bergson.fit_normalizers(model, ds, kind="adam", progress=False)
+    out = bergson.collect_gradients(model, ds, normalizers=norms, projection_dim=4, progress=False)
+    g = out.with_format("torch")[:]["gradients"]
+    assert torch.isfinite(g).all()
+    assert g[0].abs().sum() > 0 and g[2].abs().sum() == 0  # a 1-token document has no loss
+    assert out["loss"][2] == 0.0
+
+
+def test_bad_inputs_raise_clear_errors(tokenizer, text_ds):
+    model = make_model("llama")
+    with pytest.raises(ValueError, match=r"'body' is not a column.*available columns: \['text', 'idx'\]"):
+        bergson.collect_gradients(model, text_ds, tokenizer=tokenizer, prompt_column="body")
+    with pytest.raises(ValueError, match="dataset is empty"):
+        bergson.collect_gradients(model, text_ds.select([]), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="projection_dim must be an int >= 0"):
+        bergson.collect_gradients(model, text_ds, tokenizer=tokenizer, projection_dim=-3)
+    with pytest.raises(ValueError, match="no torch.nn.Linear or transformers Conv1D"):
+        bergson.collect_gradients(torch.nn.Embedding(10, 3), text_ds, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="no tokenizer given"):
+        bergson.collect_gradients(model, text_ds)
+    with pytest.raises(ValueError, match="normalizer must be one of"):
+        bergson.collect_gradients(model, text_ds, tokenizer=tokenizer, normalizer="sgd")
+    with pytest.raises(ValueError, match="already has column"):
+        bergson.collect_gradients(model, text_ds.add_column("loss", [0.0] * len(text_ds)), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="every document is empty"):
+        bergson.collect_gradients(model, datasets.Dataset.from_dict({"text": ["", ""]}), tokenizer=tokenizer)
+
+
+def test_token_batches_respect_the_budget():
+    lengths = [5, 30, 2, 17, 17, 1, 40]
+    batches = token_batches(lengths, 40)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 40
+    assert batches[0] == [6]  # longest first, alone

@@ -3,33 +3,45 @@
 Pipeline (in file order): ``layers`` (which modules) → ``hooks.GradientCollector`` (per-example
 gradients, normalized and projected during backward) → ``normalizers`` (Adam/Adafactor second
 moments) → ``data`` (tokenize, batch, per-example loss) → ``collect`` (``collect_gradients``,
-``fit_normalizers``).  Heavy dependencies (transformers, datasets) are imported lazily.
+``fit_normalizers``) → ``storage`` (the on-disk index) → ``__main__`` (the CLI).
+
+Names are imported lazily (PEP 562) so ``import bergson`` and ``bergson --help`` do not pay for
+torch, transformers or datasets until something is used.
 """
 
-from .collect import collect_gradients, fit_normalizers
-from .data import per_example_loss
-from .hooks import GradientCollector
-from .layers import find_layers, register_layer
-from .normalizers import (
-    AdafactorNormalizer,
-    AdamNormalizer,
-    load_normalizers,
-    normalizers_from_optimizer,
-    save_normalizers,
-)
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdafactorNormalizer",
-    "AdamNormalizer",
-    "GradientCollector",
-    "collect_gradients",
-    "find_layers",
-    "fit_normalizers",
-    "load_normalizers",
-    "normalizers_from_optimizer",
-    "per_example_loss",
-    "register_layer",
-    "save_normalizers",
-]
+_EXPORTS = {
+    "GradientCollector": "hooks",
+    "collect_gradients": "collect",
+    "fit_normalizers": "collect",
+    "per_example_loss": "data",
+    "find_layers": "layers",
+    "register_layer": "layers",
+    "AdafactorNormalizer": "normalizers",
+    "AdamNormalizer": "normalizers",
+    "load_normalizers": "normalizers",
+    "save_normalizers": "normalizers",
+    "normalizers_from_optimizer": "normalizers",
+    "normalizers_from_state_dict": "normalizers",
+    "GradientIndex": "storage",
+    "load_index": "storage",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bergson' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -76,38 +77,50 @@ def run_batches(
     progress: bool = True,
     desc: str = "collecting",
     skip: int = 0,
-) -> None:
+) -> int:
     """Forward + backward every batch (eval mode, restored after); ``on_batch(indices, losses)``.
 
-    Documents shorter than two tokens have no loss and are not run (their gradient is zero).
-    ``skip`` batches at the start are passed over (resuming).
+    Documents shorter than two tokens have no loss: they form a first batch that is not run
+    (``on_batch`` gets zero losses; their gradient is zero).  ``skip`` batches at the start are
+    passed over (resuming).  Returns the number of tokens run.
     """
     from tqdm.auto import tqdm
 
     device = _model_device(model)
     runnable = [i for i, n in enumerate(tok.lengths) if n >= 2]
     batches = [[runnable[j] for j in b] for b in token_batches([tok.lengths[i] for i in runnable], token_batch_size)]
+    empty = [i for i, n in enumerate(tok.lengths) if n < 2]
+    if empty:
+        batches.insert(0, empty)
+    todo = batches[skip:]
+    total_tokens = sum(tok.lengths[i] for b in todo for i in b)
     was_training = model.training
     model.eval()
-    total_tokens = sum(tok.lengths[i] for b in batches[skip:] for i in b)
     bar = tqdm(total=total_tokens, desc=desc, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
     try:
         docs = 0
-        for idx in batches[skip:]:
-            ids, mask, labels = pad_batch([tok.input_ids[i] for i in idx], [tok.labels[i] for i in idx], pad_id, device)
+        for idx in todo:
             if before_batch is not None:
                 before_batch(idx)
-            logits = _logits(model(input_ids=ids, attention_mask=mask))
-            losses = per_example_loss(logits, labels, loss_reduction)
-            losses.sum().backward()
+            if tok.lengths[idx[0]] < 2:
+                losses = torch.zeros(len(idx))
+            else:
+                ids, mask, labels = pad_batch(
+                    [tok.input_ids[i] for i in idx], [tok.labels[i] for i in idx], pad_id, device
+                )
+                logits = _logits(model(input_ids=ids, attention_mask=mask))
+                losses = per_example_loss(logits, labels, loss_reduction)
+                losses.sum().backward()
+                losses = losses.detach()
             if on_batch is not None:
-                on_batch(idx, losses.detach())
+                on_batch(idx, losses)
             docs += len(idx)
             bar.update(sum(tok.lengths[i] for i in idx))
             bar.set_postfix(docs=docs, refresh=False)
     finally:
         bar.close()
         model.train(was_training)
+    return total_tokens
 
 
 def _tokenized(dataset, tokenizer, prompt_column, completion_column, max_length) -> Tokenized:
@@ -234,6 +247,19 @@ def fit_normalizers(
 # ---------------------------------------------------------------------------------------
 # collection
 # ---------------------------------------------------------------------------------------
+def model_fingerprint(model: nn.Module) -> str:
+    """A cheap identity of a model's weights: names, shapes, dtypes and per-tensor sums."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:".encode())
+            if p.is_floating_point():
+                h.update(f"{p.double().sum().item():.12e}:{p.double().abs().sum().item():.12e}".encode())
+    return h.hexdigest()
+
+
 def collect_gradients(
     model: nn.Module,
     dataset,
@@ -254,6 +280,14 @@ def collect_gradients(
     seed: int = 0,
     projection_type: str = "rademacher",
     progress: bool = True,
+    output_path: str | None = None,
+    store_dtype: str = "float32",
+    shard_rows: int = 4096,
+    resume: bool = False,
+    overwrite: bool = False,
+    model_info: dict | None = None,
+    dataset_info: dict | None = None,
+    tokenizer_info: dict | None = None,
 ):
     """Per-example projected, normalized gradients of every example of ``dataset``.
 
@@ -273,24 +307,27 @@ def collect_gradients(
         max_length: truncate documents to this many tokens.
         target_modules, include_bias, backend, seed, projection_type: see
             :class:`bergson.GradientCollector`.
+        output_path: write an on-disk index there (see :mod:`bergson.storage`) instead of
+            returning the features in memory; ``store_dtype`` (``float32``/``bfloat16``/``float16``),
+            ``shard_rows``, ``resume`` and ``overwrite`` control it, ``*_info`` dicts go into
+            its manifest (identities of the model, dataset and tokenizer).
 
     Returns:
-        A ``datasets.Dataset`` with the input columns plus ``gradients`` (float32, the layers'
-        features concatenated in model order — the ``layout`` of the collector), ``loss`` and
-        ``num_tokens`` (tokens of the document after truncation).  Examples shorter than two
-        tokens have no loss: their row is zero.
+        Without ``output_path``: a ``datasets.Dataset`` with the input columns plus ``gradients``
+        (float32, the layers' features concatenated in model order — the collector's
+        ``layout``), ``loss`` and ``num_tokens`` (tokens of the document after truncation).
+        Examples shorter than two tokens have no loss: their row is zero.
+        With ``output_path``: the :class:`bergson.GradientIndex` written there.
     """
-    import datasets
-
     if normalizer not in NORMALIZER_KINDS:
         raise ValueError(f"normalizer must be one of {NORMALIZER_KINDS}, got {normalizer!r}")
     _check_common(loss_reduction, token_batch_size)
     ds = _as_dataset(dataset)
     clash = [c for c in OUTPUT_COLUMNS if c in ds.column_names]
-    if clash:
+    if clash and output_path is None:
         raise ValueError(f"the dataset already has column(s) {clash}; rename them before collecting")
     tok = _tokenized(ds, tokenizer, prompt_column, completion_column, max_length)
-    # Build the collector first: it validates the model and options before any fitting pass.
+    # The collector validates the model and options before any (costly) fitting pass.
     collector = GradientCollector(
         model,
         projection_dim=projection_dim,
@@ -300,47 +337,110 @@ def collect_gradients(
         seed=seed,
         projection_type=projection_type,
     )
+    settings = {
+        "projection_dim": projection_dim,
+        "projection_type": projection_type,
+        "seed": seed,
+        "normalizer": normalizer if normalizers is None else "given",
+        "fit_examples": fit_examples if normalizers is None else None,
+        "loss_reduction": loss_reduction,
+        "prompt_column": prompt_column if tokenizer is not None else None,
+        "completion_column": completion_column,
+        "max_length": max_length,
+        "include_bias": include_bias,
+        "target_modules": list(collector.layers),
+    }
+    fit_kw = dict(
+        kind=normalizer, max_examples=fit_examples, loss_reduction=loss_reduction, token_batch_size=token_batch_size,
+        target_modules=list(collector.layers), include_bias=include_bias, progress=progress, tokenizer=tokenizer,
+    )
+    run_kw = dict(loss_reduction=loss_reduction, token_batch_size=token_batch_size, pad_id=_pad_id(tokenizer),
+                  progress=progress)
+    if output_path is None:
+        if normalizers is None and normalizer != "none":
+            normalizers = fit_normalizers(model, tok, **fit_kw)
+        collector.set_normalizers(normalizers)
+        out = torch.zeros(len(tok), collector.total_dim, dtype=torch.float32)
+        losses = torch.zeros(len(tok), dtype=torch.float32)
+
+        def sink(idx, feats, batch_losses):
+            out[idx] = feats
+            losses[idx] = batch_losses
+
+        _collect(model, tok, collector, sink, **run_kw)
+        return _join(ds, out, losses, tok.lengths)
+
+    from .normalizers import load_normalizers, save_normalizers
+    from .storage import NORMALIZERS, STORE_DTYPES, ShardWriter, load_index
+
+    if store_dtype not in STORE_DTYPES:
+        raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+    identity = {
+        "model": model_info or {"id": getattr(getattr(model, "config", None), "_name_or_path", None),
+                                "class": type(model).__name__, "fingerprint": model_fingerprint(model)},
+        "tokenizer": tokenizer_info or ({"class": type(tokenizer).__name__, "vocab_size": len(tokenizer)}
+                                        if tokenizer is not None else None),
+        "dataset": dataset_info or {"id": None, "fingerprint": getattr(ds, "_fingerprint", None), "num_rows": len(ds)},
+        "settings": settings,
+        "modules": [
+            {"name": n, "out": collector.layers[n].out_features, "in": collector.layers[n].in_features,
+             "offset": off, "size": d}
+            for n, off, d in collector.layout
+        ],
+        "feature_dim": collector.total_dim,
+        "dtype": store_dtype,
+        "shard_rows": shard_rows,
+    }
+    writer = ShardWriter(output_path, identity, resume=resume, overwrite=overwrite)
+    norm_path = writer.path / NORMALIZERS
     if normalizers is None and normalizer != "none":
-        normalizers = fit_normalizers(
-            model,
-            tok,
-            kind=normalizer,
-            max_examples=fit_examples,
-            loss_reduction=loss_reduction,
-            token_batch_size=token_batch_size,
-            target_modules=list(collector.layers),
-            include_bias=include_bias,
-            progress=progress,
-            tokenizer=tokenizer,
-        )
+        if writer.batches_done and norm_path.exists():
+            normalizers = load_normalizers(norm_path)  # resuming: the moments this run started with
+        else:
+            normalizers = fit_normalizers(model, tok, **fit_kw)
+    if normalizers:
+        save_normalizers(normalizers, norm_path)
     collector.set_normalizers(normalizers)
+
+    def write(idx, feats, batch_losses):
+        writer.add(idx, feats, batch_losses)
+
+    t0 = time.perf_counter()
+    tokens = _collect(model, tok, collector, write, skip=writer.batches_done, **run_kw)
+    seconds = time.perf_counter() - t0
+    writer.close(extra={"truncated": tok.truncated, "collect_seconds": round(seconds, 3), "tokens": tokens})
+    return load_index(writer.path)
+
+
+def _collect(model, tok: Tokenized, collector: GradientCollector, sink, *, skip: int = 0, **run_kw) -> int:
+    """Run every batch under ``collector``; ``sink(row_ids, features [B, D], losses [B])``.
+
+    Returns the number of tokens processed.
+    """
     layout = {name: (off, d) for name, off, d in collector.layout}
-    out = torch.zeros(len(tok), collector.total_dim, dtype=torch.float32)
-    losses = torch.zeros(len(tok), dtype=torch.float32)
-    batch: dict = {}
+    state: dict = {}
 
     def before_batch(idx):
-        batch["idx"] = torch.tensor(idx, dtype=torch.long)
+        state["idx"] = torch.tensor(idx, dtype=torch.long)
+        state["buf"] = torch.zeros(len(idx), collector.total_dim, dtype=torch.float32)
 
     def closure(name, feats):
         off, d = layout[name]
-        out[batch["idx"], off : off + d] = feats.to("cpu", torch.float32)
+        state["buf"][:, off : off + d] = feats.to("cpu", torch.float32)
 
     def on_batch(idx, batch_losses):
-        losses[batch["idx"]] = batch_losses.to("cpu", torch.float32)
+        sink(state["idx"], state["buf"], batch_losses.to("cpu", torch.float32))
 
     collector.closure = closure
     with collector:
-        run_batches(
-            model,
-            tok,
-            loss_reduction=loss_reduction,
-            token_batch_size=token_batch_size,
-            pad_id=_pad_id(tokenizer),
-            on_batch=on_batch,
-            before_batch=before_batch,
-            progress=progress,
-        )
+        return run_batches(model, tok, on_batch=on_batch, before_batch=before_batch, skip=skip, **run_kw)
+
+
+def _join(ds, out: Tensor, losses: Tensor, lengths):
+    import datasets
+
     seq = getattr(datasets, "List", None) or datasets.Sequence  # datasets < 4 has no List
     features = datasets.Features(
         {
@@ -350,6 +450,6 @@ def collect_gradients(
         }
     )
     extra = datasets.Dataset.from_dict(
-        {"gradients": out.numpy(), "loss": losses.numpy(), "num_tokens": list(tok.lengths)}, features=features
+        {"gradients": out.numpy(), "loss": losses.numpy(), "num_tokens": list(lengths)}, features=features
     )
     return datasets.concatenate_datasets([ds, extra], axis=1)

@@ -168,19 +168,65 @@ def normalizers_from_optimizer(
     ``kind`` converts (``"adafactor"`` from an Adam state takes row/column means).
     Layers whose weight has no optimizer state are left out.
     """
-    layers = find_layers(model, target_modules)
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    return _from_state(model, optimizer.state, group_of, kind=kind, target_modules=target_modules)
+
+
+def normalizers_from_state_dict(
+    model: nn.Module, state_dict: dict, *, kind: str | None = None, target_modules=None
+) -> dict[str, Normalizer]:
+    """Like :func:`normalizers_from_optimizer`, from a saved ``optimizer.state_dict()``.
+
+    Parameters are matched by the ``param_names`` torch stores when the optimizer was built
+    from ``model.named_parameters()``; otherwise the state's parameter indices are taken in
+    ``model.parameters()`` order (as for ``Optimizer(model.parameters())``) and every shape
+    is checked.
+    """
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("expected an optimizer state_dict with 'state' and 'param_groups'")
+    named = dict(model.named_parameters())
+    params = list(model.parameters())
+    by_index: dict[int, nn.Parameter] = {}
+    for g in state_dict["param_groups"]:
+        names = g.get("param_names")
+        for k, idx in enumerate(g["params"]):
+            if names is not None:
+                if names[k] not in named:
+                    raise ValueError(f"optimizer state names parameter {names[k]!r}, which the model does not have")
+                by_index[idx] = named[names[k]]
+            else:
+                if idx >= len(params):
+                    raise ValueError(f"optimizer state has parameter index {idx}; the model has {len(params)}")
+                by_index[idx] = params[idx]
+    state, group_of = {}, {}
+    for g in state_dict["param_groups"]:
+        for idx in g["params"]:
+            group_of[id(by_index[idx])] = g
+    for idx, st in state_dict["state"].items():
+        p = by_index[int(idx)]
+        v = st.get("exp_avg_sq")
+        if v is not None and tuple(v.shape) != tuple(p.shape):
+            raise ValueError(
+                f"optimizer state exp_avg_sq of parameter {idx} has shape {tuple(v.shape)} but the parameter "
+                f"it maps to has {tuple(p.shape)}: the state does not belong to this model"
+            )
+        state[p] = st
+    return _from_state(model, state, group_of, kind=kind, target_modules=target_modules)
+
+
+def _from_state(model, opt_state, group_of, *, kind, target_modules) -> dict[str, Normalizer]:
+    layers = find_layers(model, target_modules)
     out: dict[str, Normalizer] = {}
     for name, spec in layers.items():
         module = model.get_submodule(name)
         w = module.weight
-        state = optimizer.state.get(w)
+        state = opt_state.get(w)
         if not state:
             continue
         group = group_of[id(w)]
         bias = None
-        if spec.has_bias and module.bias in optimizer.state:
-            bias = _bias_moment(optimizer.state[module.bias], group_of[id(module.bias)])
+        if spec.has_bias and module.bias in opt_state:
+            bias = _bias_moment(opt_state[module.bias], group_of[id(module.bias)])
         if "row_var" in state and "col_var" in state:  # torch.optim.Adafactor: [O,1] and [1,I]
             row, col = state["row_var"].detach().float().reshape(-1), state["col_var"].detach().float().reshape(-1)
             if spec.transposed:

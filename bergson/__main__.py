@@ -1,0 +1,77 @@
+"""The ``bergson`` command line.
+
+    bergson build OUT [--model M] [--dataset D] [options]     build a gradient index
+    bergson OUT [--model M] [--dataset D] [options]           the same (short form)
+
+Heavy imports (transformers, datasets) happen only once a command runs, so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+COMMANDS = ("build",)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from .config import BuildConfig, parser_for
+
+    parser = argparse.ArgumentParser(
+        prog="bergson",
+        description="Trace what a model learned back to its training data: per-example projected gradients "
+        "(TrackStar). `bergson OUT` is short for `bergson build OUT`.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    build = sub.add_parser(
+        "build",
+        help="write the projected, normalized gradient of every training example to an index directory",
+        description="Write the projected, normalized gradient of every example of a dataset to OUTPUT "
+        "(safetensors shards + manifest.json). Without --model/--dataset, runs on the embedded default.",
+    )
+    parser_for(BuildConfig, build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Busy-waiting OpenMP threads make small models several times slower on shared CPUs;
+    # this must be set before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "build")  # short form: bergson OUT ...
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .config import BuildConfig, from_args
+    from .storage import IndexFormatError
+
+    try:
+        if args.command == "build":
+            from .build import build
+
+            cfg = from_args(BuildConfig, args)
+            _, summary = build(cfg)
+            print(summary)
+        return 0
+    except (ValueError, IndexFormatError) as e:
+        print(f"bergson: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "backend" in str(e) or "Triton" in str(e):
+            print(f"bergson: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("\nbergson: interrupted; the shards written so far are kept: rerun with --resume", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"bergson: error: {e}; the shards written so far are kept: rerun with --resume", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

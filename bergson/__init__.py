@@ -12,6 +12,7 @@ torch, transformers or datasets until something is used.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
         return value
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # submodules: bergson.default, ...
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'bergson' has no attribute {name!r}")
 
 

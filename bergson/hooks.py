@@ -62,11 +62,9 @@ class _Ops:
     def __init__(self, backend: str):
         self.backend = backend
         if backend == "triton":
-            import bergson_kernels.adam_tile as at
-            import bergson_kernels.outer_project as op
-            import bergson_kernels.project_scale as ps
+            from bergson_kernels import adam_project, outer_project, project_scale
 
-            self._ps, self._op, self._at = ps.project_scale, op.outer_project, at.adam_project
+            self._ps, self._op, self._at = project_scale, outer_project, adam_project
 
     @staticmethod
     def _cu(n: int, s: int, device) -> Tensor:

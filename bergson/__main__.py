@@ -2,6 +2,9 @@
 
     bergson build OUT [--model M] [--dataset D] [options]     build a gradient index
     bergson OUT [--model M] [--dataset D] [options]           the same (short form)
+    bergson query INDEX --prompt P [--completion C]           top training examples for one query
+    bergson score INDEX --queries FILE --output OUT           scores for many queries, to disk
+    bergson trackstar OUT --queries FILE [build options]      build, statistics, mixing and scoring
 
 Heavy imports (transformers, datasets) happen only once a command runs, so ``--help`` is fast.
 """
@@ -12,11 +15,11 @@ import argparse
 import os
 import sys
 
-COMMANDS = ("build",)
+COMMANDS = ("build", "query", "score", "trackstar")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from .config import BuildConfig, parser_for
+    from .config import BuildConfig, QueryConfig, ScoreConfig, TrackstarConfig, parser_for
 
     parser = argparse.ArgumentParser(
         prog="bergson",
@@ -31,6 +34,22 @@ def make_parser() -> argparse.ArgumentParser:
         "(safetensors shards + manifest.json). Without --model/--dataset, runs on the embedded default.",
     )
     parser_for(BuildConfig, build)
+    query = sub.add_parser(
+        "query", help="print the training examples that most drove a completion",
+        description="Score one query (prompt + completion) against every row of INDEX and print the top ones.",
+    )
+    parser_for(QueryConfig, query)
+    score = sub.add_parser(
+        "score", help="score many queries against an index and write the scores",
+        description="Score every query of a file against INDEX; write top-k (or all-pairs) scores as safetensors.",
+    )
+    parser_for(ScoreConfig, score)
+    track = sub.add_parser(
+        "trackstar", help="build an index, fit statistics on the queries, and score them, end to end",
+        description="TrackStar end to end: build (or resume) the index in OUTPUT, mix query and training "
+        "autocorrelations, score every query, and write OUTPUT/scores.safetensors.",
+    )
+    parser_for(TrackstarConfig, track)
     return parser
 
 
@@ -46,16 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from .config import BuildConfig, from_args
+    from . import config
     from .storage import IndexFormatError
 
     try:
         if args.command == "build":
             from .build import build
 
-            cfg = from_args(BuildConfig, args)
-            _, summary = build(cfg)
+            _, summary = build(config.from_args(config.BuildConfig, args))
             print(summary)
+        else:
+            from . import commands
+
+            cls = {"query": config.QueryConfig, "score": config.ScoreConfig, "trackstar": config.TrackstarConfig}
+            getattr(commands, args.command)(config.from_args(cls[args.command], args))
         return 0
     except (ValueError, IndexFormatError) as e:
         print(f"bergson: error: {e}", file=sys.stderr)

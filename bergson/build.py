@@ -45,12 +45,13 @@ def build(cfg: BuildConfig):
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output path {out} exists and is a file, not a directory")
-    from .collect import collect_gradients
+    from .collect import collect_gradients, model_fingerprint
     from .data_sources import load_dataset, load_model
 
     model, tokenizer, model_info, tok_info = load_model(
         cfg.model, dtype=cfg.model_dtype, device=cfg.device, allow_download=cfg.allow_download
     )
+    model_info["fingerprint"] = model_fingerprint(model)
     ds, ds_info = load_dataset(cfg.dataset, split=cfg.split, allow_download=cfg.allow_download)
     if cfg.max_examples is not None and cfg.max_examples < len(ds):
         ds = ds.select(range(cfg.max_examples))

@@ -70,6 +70,70 @@ class BuildConfig:
             raise ValueError("--resume and --overwrite contradict each other")
 
 
+@dataclass(frozen=True)
+class ScoreOptions:
+    score: str = opt("trackstar", "score kind", ["trackstar", "cosine", "inner", "one_sided"])
+    top_k: int = opt(10, "training examples to return per query")
+    lambda_k: typing.Optional[int] = opt(
+        None, "component where TrackStar's eigenvalue curves cross (default: 1000/65536 of the feature size)"
+    )
+    damping: float = opt(1e-3, "damping of R before its inverse (square) root, relative to its mean eigenvalue")
+    backend: str = opt("auto", "kernels for the query features", ["auto", "torch", "triton"])
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError(f"--top_k must be >= 1, got {self.top_k}")
+        if self.damping < 0:
+            raise ValueError(f"--damping must be >= 0, got {self.damping}")
+
+
+@dataclass(frozen=True)
+class QueryConfig(ScoreOptions):
+    index: str = opt(None, "index directory built by `bergson build`", positional=True)
+    prompt: str = opt(None, "the query prompt")
+    completion: typing.Optional[str] = opt(None, "the completion to explain (only its tokens are in the loss)")
+    width: int = opt(100, "characters of each training text to show")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.prompt is None:
+            raise ValueError("--prompt is required")
+
+
+@dataclass(frozen=True)
+class ScoreConfig(ScoreOptions):
+    index: str = opt(None, "index directory built by `bergson build`", positional=True)
+    queries: str = opt(None, "queries: a .jsonl/.json/.csv/.parquet file or a saved dataset directory")
+    output: str = opt(None, "where to write the scores (.safetensors)")
+    prompt_column: str = opt("prompt", "column of the queries holding prompts")
+    completion_column: typing.Optional[str] = opt("completion", "column holding completions ('' for none)")
+    all_pairs: bool = opt(False, "write the full [queries, rows] score matrix instead of the top-k")
+    query_stats: bool = opt(True, "mix the queries' own autocorrelation into R (TrackStar's lambda rule)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.queries is None or self.output is None:
+            raise ValueError("--queries and --output are required")
+
+
+@dataclass(frozen=True)
+class TrackstarConfig(BuildConfig):
+    queries: str = opt(None, "queries file (.jsonl/.json/.csv/.parquet) or saved dataset directory")
+    query_prompt_column: str = opt("prompt", "column of the queries holding prompts")
+    query_completion_column: typing.Optional[str] = opt("completion", "column holding completions ('' for none)")
+    score: str = opt("trackstar", "score kind", ["trackstar", "cosine", "inner", "one_sided"])
+    top_k: int = opt(10, "training examples to keep per query")
+    lambda_k: typing.Optional[int] = opt(None, "component where the eigenvalue curves cross (default: scaled)")
+    damping: float = opt(1e-3, "damping of R before its inverse square root")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.queries is None:
+            raise ValueError("--queries is required")
+        if self.top_k < 1:
+            raise ValueError(f"--top_k must be >= 1, got {self.top_k}")
+
+
 def _base_type(tp):
     if typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]

@@ -165,6 +165,8 @@ def _file_sha256(p: Path) -> str:
 
 def load_dataset_from_manifest(info: dict):
     """Re-load the dataset an index was built from (for ``GradientIndex.to_dataset``)."""
-    spec = info["id"]
+    spec = info.get("id")
+    if spec is None:
+        raise ValueError("the index was built from an in-memory dataset, which cannot be re-loaded: pass it")
     ds, _ = load_dataset(None if spec == DEFAULT else spec, split=info.get("split") or "train")
     return ds

@@ -56,14 +56,16 @@ def make_model(arch: str, dtype=torch.float32, vocab: int = VOCAB, seed: int = 0
 
 
 def make_tokenizer(vocab_size: int = VOCAB):
+    """A BPE tokenizer trained in a second on CORPUS; deterministic (sorted initial alphabet)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    alphabet = sorted(set("".join(CORPUS)) | set("0123456789.,?!'-▁") - {" "})
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "<s>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:60],
+        initial_alphabet=alphabet,
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>")

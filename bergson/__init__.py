@@ -30,6 +30,7 @@ _EXPORTS = {
     "normalizers_from_optimizer": "normalizers",
     "normalizers_from_state_dict": "normalizers",
     "GradientIndex": "storage",
+    "Attributor": "query",
     "load_index": "storage",
 }
 

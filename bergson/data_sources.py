@@ -169,4 +169,6 @@ def load_dataset_from_manifest(info: dict):
     if spec is None:
         raise ValueError("the index was built from an in-memory dataset, which cannot be re-loaded: pass it")
     ds, _ = load_dataset(None if spec == DEFAULT else spec, split=info.get("split") or "train")
+    if info.get("max_examples") is not None and info["max_examples"] < len(ds):
+        ds = ds.select(range(info["max_examples"]))
     return ds

@@ -281,3 +281,20 @@ def test_sigkill_then_resume_gives_the_same_index_bit_for_bit(assets, tmp_path):
     (ia, fa), (ib, fb) = _rows(clean), _rows(out)
     assert torch.equal(ia, ib) and torch.equal(fa, fb)
     assert len(ib) == 160
+
+
+def test_embedded_default_through_a_subprocess(tmp_path):
+    out = tmp_path / "default"
+    r = subprocess.run(
+        [sys.executable, "-m", "bergson", "build", str(out), "--max_examples", "64", "--no-progress",
+         "--projection_dim", "4"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "0"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert "64 rows × 464 features (29 layers)" in r.stdout
+    index = bergson.load_index(out)
+    m = index.manifest
+    assert m["model"]["id"] == "bergson:default" and m["model"]["path"] is None
+    assert m["dataset"]["id"] == "bergson:default" and m["dataset"]["num_rows"] == 64
+    joined = index.to_dataset()  # re-loads the embedded corpus from the manifest
+    assert len(joined) == 64 and joined["text"][:3] == bergson.default.dataset()["text"][:3]

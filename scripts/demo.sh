@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set everything up and run the main job on the embedded default model and corpus (CPU, offline):
+# build the gradient index of every training document into runs/default, then trace one of the
+# corpus's facts back to the training documents that taught it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install -q torch==2.13.0
+.venv/bin/pip install -q -e .
+export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+.venv/bin/bergson build runs/default --overwrite "$@"
+# Query 0 of the default corpus; its gold documents (the ones stating this fact) are rows 218, 1235, 1391, 1625.
+.venv/bin/bergson query runs/default --prompt "Ello Fismalter lives in" --completion " Tamsford" --top_k 10

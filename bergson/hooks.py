@@ -15,6 +15,7 @@ exactly zero and so is their contribution.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -92,9 +93,21 @@ class _Ops:
         return reference.adam_project_padded(delta, x, L, R, v, eps)
 
 
+@dataclass
+class _Plan:
+    L: Tensor | None  # [p, O], Adafactor row scale folded in
+    R: Tensor | None  # [p, I], Adafactor column scale folded in
+    alpha: Tensor | None = None  # elementwise scales, only without a projection
+    beta: Tensor | None = None
+    adam: Tensor | None = None  # [O, I] second moment
+    eps: float = 0.0
+    bias_scale: Tensor | None = None
+
+
 class _LayerHooks:
-    """Shared machinery: find layers, freeze parameters, make the embedding output require
-    grad, hook every layer's forward and output gradient, restore everything on exit.
+    """Shared machinery: find layers, freeze parameters, make the outputs of the first collected
+    layers require grad, hook every layer's forward and output gradient, restore everything on
+    exit.
 
     Subclasses implement ``_forward(spec, x) -> state`` (what the forward keeps),
     ``_backward(spec, state, grad) -> partial`` and ``_complete(spec, partials)`` (called once
@@ -135,11 +148,6 @@ class _LayerHooks:
             self._saved_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
             for p, _ in self._saved_requires_grad:
                 p.requires_grad_(False)
-        embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-        for emb in embeddings:
-            self._handles.append(emb.register_forward_hook(_require_grad_output))
-        if not embeddings:
-            self._handles.append(model.register_forward_pre_hook(_require_grad_inputs, with_kwargs=True))
         self._handles.append(model.register_forward_pre_hook(self._on_model_forward))
         for name, spec in self.layers.items():
             module = model.get_submodule(name)
@@ -164,14 +172,20 @@ class _LayerHooks:
 
     def _make_forward_hook(self, spec: LayerSpec):
         def hook(module, inputs, output):
-            if not isinstance(output, Tensor) or not output.requires_grad:
+            if not isinstance(output, Tensor) or not torch.is_grad_enabled():
                 return None  # e.g. under torch.no_grad(): nothing will flow back
+            replaced = None
+            if not output.requires_grad:
+                # Nothing before this layer requires grad (it is the first collected layer on its
+                # path): make its output a leaf, so backward stops here instead of running on
+                # into layers and embeddings whose input gradients nobody needs.
+                replaced = output = output.requires_grad_(True)
             x = inputs[0].detach()
             x = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, S, I]
             state = self._forward(spec, x)
             self._pending[spec.name] += 1
             output.register_hook(lambda g: self._on_grad(spec, state, g))
-            return None
+            return replaced
 
         return hook
 
@@ -197,21 +211,6 @@ class _LayerHooks:
         raise NotImplementedError
 
 
-def _require_grad_output(module, inputs, output):
-    if isinstance(output, Tensor) and output.is_floating_point() and not output.requires_grad:
-        return output.requires_grad_(True) if output.grad_fn is None else output.detach().requires_grad_(True)
-    return None
-
-
-def _require_grad_inputs(module, args, kwargs):
-    def fix(t):
-        if isinstance(t, Tensor) and t.is_floating_point() and not t.requires_grad and torch.is_grad_enabled():
-            return t.detach().requires_grad_(True)
-        return t
-
-    return tuple(fix(a) for a in args), {k: fix(v) for k, v in kwargs.items()}
-
-
 class GradientCollector(_LayerHooks):
     """Collect per-example projected, normalized gradients of every ``Linear``/``Conv1D`` layer.
 
@@ -223,9 +222,11 @@ class GradientCollector(_LayerHooks):
             per_example_loss(logits, labels).sum().backward()
         collector.gradients  # {layer name: [N, 16*16]}
 
-    While active, every parameter is frozen (``requires_grad=False``) and only embedding outputs
-    require grad, so backward computes input gradients only and no ``.grad`` is populated;
-    everything is restored on exit, also after an exception.
+    While active, every parameter is frozen (``requires_grad=False``); the output of a collected
+    layer whose input does not require grad (the first ones on each path) is made a leaf that
+    does.  Backward then computes input gradients only, from the loss down to those layers and
+    no further (no embedding gradients), and no ``.grad`` is populated; everything is restored
+    on exit, also after an exception.
 
     Args:
         model: any ``nn.Module`` with ``nn.Linear`` or transformers ``Conv1D`` layers.
@@ -295,7 +296,7 @@ class GradientCollector(_LayerHooks):
                     f"expected (out, in) = {(spec.out_features, spec.in_features)}"
                 )
         self.normalizers = normalizers
-        self._cache = {k: v for k, v in self._cache.items() if k[0] != "scale"}
+        self._cache = {k: v for k, v in self._cache.items() if k[0] != "plan"}
 
     # -- layout ----------------------------------------------------------------------------
     def feature_dim(self, name: str) -> int:
@@ -336,19 +337,31 @@ class GradientCollector(_LayerHooks):
             )
         return self._cache[key]
 
-    def _scales(self, name: str, dtype, device):
-        """``(alpha, beta, bias_scale, adam)`` for ``name`` on ``device``, cached."""
-        key = ("scale", name, dtype, str(device))
+    def _plan(self, name: str, dtype, device) -> "_Plan":
+        """What the hooks of layer ``name`` need on ``device``, built once and cached.
+
+        Adafactor scales are folded into the projections (``L diag(α)``, ``R diag(β)``) so the
+        hooks never rescale activations; without a projection they are applied elementwise.
+        """
+        key = ("plan", name, dtype, str(device))
         if key not in self._cache:
+            L, R = self.projection(name, dtype=dtype, device=device)
             norm = self.normalizers.get(name)
-            alpha = beta = bias = adam = None
+            plan = _Plan(L=L, R=R)
             if isinstance(norm, AdafactorNormalizer):
                 alpha, beta = norm.scales(dtype, device)
-                bias = norm.bias_scale(dtype, device)
+                plan.bias_scale = norm.bias_scale(dtype, device)
+                if plan.bias_scale is None:
+                    plan.bias_scale = alpha  # no bias moment: the row scale, as for the weight
+                if L is None:
+                    plan.alpha, plan.beta = alpha, beta
+                else:
+                    plan.L, plan.R = L * alpha, R * beta
             elif isinstance(norm, AdamNormalizer):
-                adam = norm.avg_sq.to(device=device, dtype=dtype)
-                bias = norm.bias_scale(dtype, device)
-            self._cache[key] = (alpha, beta, bias, adam)
+                plan.adam = norm.avg_sq.to(device=device, dtype=dtype)
+                plan.eps = norm.eps
+                plan.bias_scale = norm.bias_scale(dtype, device)
+            self._cache[key] = plan
         return self._cache[key]
 
     # -- hooks -----------------------------------------------------------------------------
@@ -362,29 +375,23 @@ class GradientCollector(_LayerHooks):
         return torch.float64 if t.dtype == torch.float64 else torch.float32
 
     def _forward(self, spec: LayerSpec, x: Tensor):
-        dt = self._work_dtype(x)
-        _, R = self.projection(spec.name, dtype=dt, device=x.device)
-        _, beta, _, adam = self._scales(spec.name, dt, x.device)
-        if adam is not None:
+        plan = self._plan(spec.name, self._work_dtype(x), x.device)
+        if plan.adam is not None:
             return x  # Adam does not factor: keep the raw inputs
-        return self._ops.project_scale(x, R, beta)  # [N, S, p] (or [N, S, I] when p == 0)
+        return self._ops.project_scale(x, plan.R, plan.beta)  # [N, S, p] (or [N, S, I] when p == 0)
 
     def _backward(self, spec: LayerSpec, state: Tensor, g: Tensor) -> Tensor:
-        dt = self._work_dtype(g)
-        L, R = self.projection(spec.name, dtype=dt, device=g.device)
-        alpha, _, bias_scale, adam = self._scales(spec.name, dt, g.device)
+        plan = self._plan(spec.name, self._work_dtype(g), g.device)
         n = g.shape[0]
-        if adam is not None:
-            eps = self.normalizers[spec.name].eps
-            feat = self._ops.adam_project(g, state, L, R, adam, eps)
+        if plan.adam is not None:
+            feat = self._ops.adam_project(g, state, plan.L, plan.R, plan.adam, plan.eps)
         else:
-            feat = self._ops.outer_project(g, state, L, alpha)
+            feat = self._ops.outer_project(g, state, plan.L, plan.alpha)
         feat = feat.reshape(n, -1)
         if self.include_bias and spec.has_bias:
-            if bias_scale is None and alpha is not None:
-                bias_scale = alpha  # Adafactor without a bias moment: the row scale
+            L = self.projection(spec.name, dtype=feat.dtype, device=g.device)[0]
             ones = g.new_ones(n, g.shape[1], 1)
-            fb = reference.outer_project_padded(g, ones, L, bias_scale).reshape(n, -1)
+            fb = reference.outer_project_padded(g, ones, L, plan.bias_scale).reshape(n, -1)
             feat = torch.cat([feat, fb.to(feat.dtype)], dim=1)
         return feat
 

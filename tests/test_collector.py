@@ -231,3 +231,15 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
 def test_public_api_is_exported():
     for name in bergson.__all__:
         assert getattr(bergson, name) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_model_accumulates_in_fp32(dtype):
+    docs = random_docs(LENGTHS, seed=8)
+    model32 = make_model("llama")
+    ref = run(GradientCollector(model32, projection_dim=4), model32, docs)
+    model = make_model("llama", dtype=dtype)
+    half = run(GradientCollector(model, projection_dim=4), model, docs)
+    feats, want = half.flat_gradients(), ref.flat_gradients()
+    assert feats.dtype == torch.float32  # features are accumulated and returned in fp32
+    assert rel_err(feats, want) < 0.05  # the model itself computes in half precision

@@ -52,13 +52,13 @@ def resolve_model_path(spec: str | None) -> tuple[str, bool]:
         if not (p / "config.json").exists():
             raise ValueError(f"--model {spec} has no config.json: not a Hugging Face model directory")
         return str(p), True
-    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # a path, not an "org/name" hub id
         raise ValueError(f"--model {spec}: no such directory")
     return spec, False
 
 
 def load_model(spec: str | None, *, dtype: str = "auto", device: str = "auto", allow_download: bool = False):
-    """``(model, tokenizer, info)`` where ``info`` identifies the model for the manifest."""
+    """``(model, tokenizer, model_info, tokenizer_info)``; the infos identify them in the manifest."""
     path, local = resolve_model_path(spec)
     _offline(allow_download or local)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -87,7 +87,7 @@ class Attributor:
         self.blocks = [(mod.name, mod.offset, mod.size) for mod in self.index.modules]
         self._r_train: dict | None = None
         self._r_query: dict | None = None
-        self._precond: dict[str, Preconditioner] = {}
+        self._precond: dict[float, Preconditioner] = {}
         self._dataset = dataset
         self._texts = None
 
@@ -227,7 +227,7 @@ class Attributor:
             try:
                 from .data_sources import load_dataset_from_manifest
 
-                ds = self._dataset or load_dataset_from_manifest(self.index.manifest["dataset"])
+                ds = self._dataset if self._dataset is not None else load_dataset_from_manifest(self.index.manifest["dataset"])
                 col = self.index.settings.get("prompt_column") or "text"
                 self._texts = list(ds[col][:]) if col in ds.column_names else []
             except (ValueError, OSError, KeyError):

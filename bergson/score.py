@@ -17,7 +17,7 @@ feature size).  The inverse square root is damped: ``(R + δ·mean(eig(R))·I)^{
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
@@ -140,8 +140,3 @@ def stream_topk(
         f = transform(feats) if transform is not None else feats.float()
         top.update(ids, q @ f.T)
     return top.result()
-
-
-def iter_transformed(chunks: Iterable[tuple[Tensor, Tensor]], transform) -> Iterator[tuple[Tensor, Tensor]]:
-    for ids, feats in chunks:
-        yield ids, transform(feats)

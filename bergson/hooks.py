@@ -279,13 +279,20 @@ class GradientCollector(_LayerHooks):
         self.set_normalizers(normalizers)
 
     def set_normalizers(self, normalizers: dict[str, Normalizer] | None) -> None:
-        """Replace the normalizers (validated against the collected layers' shapes)."""
+        """Replace the normalizers (validated against the collected layers' shapes).
+
+        Entries for supported layers that ``target_modules`` leaves out are ignored (a dict
+        fitted on the whole model serves any subset); names that are no layer of the model raise.
+        """
         if self._active:
             raise RuntimeError("cannot change normalizers while the collector is active")
         normalizers = dict(normalizers or {})
         unknown = sorted(set(normalizers) - set(self.layers))
         if unknown:
-            raise ValueError(f"normalizers given for layers that are not collected: {unknown[:5]}")
+            not_layers = sorted(set(unknown) - set(find_layers(self.model)))
+            if not_layers:
+                raise ValueError(f"normalizers given for names that are not layers of the model: {not_layers[:5]}")
+            normalizers = {k: v for k, v in normalizers.items() if k in self.layers}
         for name, norm in normalizers.items():
             spec = self.layers[name]
             if not isinstance(norm, (AdafactorNormalizer, AdamNormalizer)):

@@ -215,8 +215,12 @@ def test_bad_arguments_raise_clear_errors():
         GradientCollector(
             model, normalizers={"model.layers.0.mlp.up_proj": AdafactorNormalizer(torch.ones(32), torch.ones(48))}
         )
-    with pytest.raises(ValueError, match="not collected"):
+    with pytest.raises(ValueError, match="not layers of the model: \\['nope'\\]"):
         GradientCollector(model, normalizers={"nope": AdafactorNormalizer(torch.ones(2), torch.ones(2))})
+    # a dict covering the whole model serves a subset of layers
+    full = {n: AdafactorNormalizer(torch.ones(s.out_features), torch.ones(s.in_features))
+            for n, s in GradientCollector(model).layers.items()}
+    assert list(GradientCollector(model, normalizers=full, target_modules="lm_head").normalizers) == ["lm_head"]
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):

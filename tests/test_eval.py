@@ -31,3 +31,14 @@ def test_fact_tracing_smoke(ft, tmp_path):
     assert res["trackstar"]["mrr"] > 3 * res["random"]["mrr"]
     assert res["trackstar"]["mrr"] > res["inner"]["mrr"]
     assert res["bm25"]["mrr"] > 3 * res["random"]["mrr"]
+
+
+def test_digits_mislabel_detection_smoke():
+    pytest.importorskip("sklearn")
+    spec = importlib.util.spec_from_file_location("mislabel_digits", SCRIPT.with_name("mislabel_digits.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--epochs", "150", "--projection_dim", "16"])
+    for name, r in res.items():
+        assert r["auroc"] > 0.9, (name, r)  # random ranking: 0.5
+    assert res["trackstar (adam) ‖R^-1/2 g‖²"]["found@20%"] > 0.8

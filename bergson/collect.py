@@ -17,7 +17,7 @@ from torch import nn
 
 from bergson_kernels import reference
 
-from .data import LOSS_REDUCTIONS, Tokenized, pad_batch, per_example_loss, token_batches, tokenize
+from .data import LOSS_REDUCTIONS, Tokenized, join_columns, pad_batch, per_example_loss, token_batches, tokenize
 from .hooks import GradientCollector, _LayerHooks
 from .layers import LayerSpec
 from .normalizers import NORMALIZER_KINDS, AdafactorNormalizer, AdamNormalizer, Normalizer
@@ -395,13 +395,13 @@ def collect_gradients(
     }
     writer = ShardWriter(output_path, identity, resume=resume, overwrite=overwrite)
     norm_path = writer.path / NORMALIZERS
-    if normalizers is None and normalizer != "none":
-        if writer.batches_done and norm_path.exists():
-            normalizers = load_normalizers(norm_path)  # resuming: the moments this run started with
-        else:
+    if normalizers is None and normalizer != "none" and writer.batches_done and norm_path.exists():
+        normalizers = load_normalizers(norm_path)  # resuming: the moments this run started with
+    else:
+        if normalizers is None and normalizer != "none":
             normalizers = fit_normalizers(model, tok, **fit_kw)
-    if normalizers:
-        save_normalizers(normalizers, norm_path)
+        if normalizers:
+            save_normalizers(normalizers, norm_path)
     collector.set_normalizers(normalizers)
 
     def write(idx, feats, batch_losses):
@@ -439,17 +439,4 @@ def _collect(model, tok: Tokenized, collector: GradientCollector, sink, *, skip:
 
 
 def _join(ds, out: Tensor, losses: Tensor, lengths):
-    import datasets
-
-    seq = getattr(datasets, "List", None) or datasets.Sequence  # datasets < 4 has no List
-    features = datasets.Features(
-        {
-            "gradients": seq(datasets.Value("float32"), length=out.shape[1]),
-            "loss": datasets.Value("float32"),
-            "num_tokens": datasets.Value("int64"),
-        }
-    )
-    extra = datasets.Dataset.from_dict(
-        {"gradients": out.numpy(), "loss": losses.numpy(), "num_tokens": list(lengths)}, features=features
-    )
-    return datasets.concatenate_datasets([ds, extra], axis=1)
+    return join_columns(ds, out, loss=(losses.numpy(), "float32"), num_tokens=(list(lengths), "int64"))

@@ -167,3 +167,18 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str 
     if reduction == "mean":
         loss = loss / (target != IGNORE_INDEX).sum(1).clamp_min(1)
     return loss
+
+
+def join_columns(dataset, gradients: torch.Tensor, **extra):
+    """``dataset`` with a fixed-length float32 ``gradients`` column (``[N, D]``) and any ``extra``
+    columns (name -> (values, datasets feature type string)) appended, row for row."""
+    import datasets
+
+    seq = getattr(datasets, "List", None) or datasets.Sequence  # datasets < 4 has no List
+    features = {"gradients": seq(datasets.Value("float32"), length=gradients.shape[1])}
+    data = {"gradients": gradients.numpy()}
+    for name, (values, dtype) in extra.items():
+        features[name] = datasets.Value(dtype)
+        data[name] = values
+    col = datasets.Dataset.from_dict(data, features=datasets.Features(features))
+    return datasets.concatenate_datasets([dataset, col], axis=1)

@@ -345,7 +345,7 @@ class GradientIndex:
     def to_dataset(self, dataset=None):
         """The source dataset (re-loaded from the manifest unless given) with a ``gradients``
         column in dataset row order (rows not in the index get zeros)."""
-        import datasets
+        from .data import join_columns
 
         if dataset is None:
             from .data_sources import load_dataset_from_manifest
@@ -357,14 +357,9 @@ class GradientIndex:
             raise IndexFormatError(f"the index has row id {int(ids.max())} but the dataset has only {n} rows")
         full = torch.zeros(n, self.feature_dim, dtype=torch.float32)
         full[ids] = feats
-        seq = getattr(datasets, "List", None) or datasets.Sequence
-        col = datasets.Dataset.from_dict(
-            {"gradients": full.numpy()},
-            features=datasets.Features({"gradients": seq(datasets.Value("float32"), length=self.feature_dim)}),
-        )
         if "gradients" in dataset.column_names:
             dataset = dataset.remove_columns("gradients")
-        return datasets.concatenate_datasets([dataset, col], axis=1)
+        return join_columns(dataset, full)
 
     def __repr__(self) -> str:
         return (

@@ -65,15 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from . import config
+    from . import config, distributed
     from .storage import IndexFormatError
 
+    started = False
     try:
+        started = distributed.init_from_env()  # under torchrun: one process group for the run
         if args.command == "build":
             from .build import build
 
             _, summary = build(config.from_args(config.BuildConfig, args))
-            print(summary)
+            if distributed.current().is_main:
+                print(summary)
         else:
             from . import commands
 
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, IndexFormatError) as e:
         print(f"bergson: error: {e}", file=sys.stderr)
         return 2
+    except distributed.DistributedError as e:
+        print(f"bergson: error: {e}", file=sys.stderr)
+        return 1
     except RuntimeError as e:
         if "backend" in str(e) or "Triton" in str(e):
             print(f"bergson: error: {e}", file=sys.stderr)
@@ -94,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"bergson: error: {e}; the shards written so far are kept: rerun with --resume", file=sys.stderr)
         return 1
+    finally:
+        if started:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -48,10 +48,15 @@ def build(cfg: BuildConfig):
     from .collect import collect_gradients, model_fingerprint
     from .data_sources import load_dataset, load_model
 
+    # With --fsdp the full weights stay in CPU memory; fully_shard moves each rank's shard to its device.
     model, tokenizer, model_info, tok_info = load_model(
-        cfg.model, dtype=cfg.model_dtype, device=cfg.device, allow_download=cfg.allow_download
+        cfg.model, dtype=cfg.model_dtype, device="cpu" if cfg.fsdp else cfg.device, allow_download=cfg.allow_download
     )
     model_info["fingerprint"] = model_fingerprint(model)
+    if cfg.fsdp:
+        from .distributed import shard_model
+
+        shard_model(model)
     ds, ds_info = load_dataset(cfg.dataset, split=cfg.split, allow_download=cfg.allow_download)
     if cfg.max_examples is not None and cfg.max_examples < len(ds):
         ds = ds.select(range(cfg.max_examples))
@@ -100,4 +105,7 @@ def build(cfg: BuildConfig):
     )
     if m.get("truncated"):
         summary += f"; {m['truncated']} documents truncated to {cfg.max_length} tokens"
+    if m.get("skipped_rows"):
+        summary += (f"; {len(m['skipped_rows'])} documents with a non-finite loss stored as zero rows "
+                    "(manifest: skipped_rows)")
     return index, summary

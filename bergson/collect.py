@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -65,6 +66,17 @@ def _logits(out) -> Tensor:
     return logits
 
 
+def plan_batches(lengths: Sequence[int], token_batch_size: int) -> list[list[int]]:
+    """The run's batches, identical in every process: documents shorter than two tokens (no
+    loss) form a first batch that is not run; the others are grouped by :func:`token_batches`."""
+    runnable = [i for i, n in enumerate(lengths) if n >= 2]
+    batches = [[runnable[j] for j in b] for b in token_batches([lengths[i] for i in runnable], token_batch_size)]
+    empty = [i for i, n in enumerate(lengths) if n < 2]
+    if empty:
+        batches.insert(0, empty)
+    return batches
+
+
 def run_batches(
     model: nn.Module,
     tok: Tokenized,
@@ -73,35 +85,42 @@ def run_batches(
     token_batch_size: int,
     pad_id: int = 0,
     on_batch: Callable[[list[int], Tensor], None] | None = None,
-    before_batch: Callable[[list[int]], None] | None = None,
+    before_batch: Callable[[list[int], int], None] | None = None,
+    before_backward: Callable[[Tensor], None] | None = None,
     progress: bool = True,
     desc: str = "collecting",
     skip: int = 0,
+    select: Sequence[int] | None = None,
+    fillers: int = 0,
 ) -> int:
-    """Forward + backward every batch (eval mode, restored after); ``on_batch(indices, losses)``.
+    """Forward + backward batches of :func:`plan_batches` (eval mode, restored after).
 
-    Documents shorter than two tokens have no loss: they form a first batch that is not run
-    (``on_batch`` gets zero losses; their gradient is zero).  ``skip`` batches at the start are
-    passed over (resuming).  Returns the number of tokens run.
+    ``select`` names the batches to run (default: all from the ``skip``-th on).  For each:
+    ``before_batch(indices, batch number)``, forward, ``before_backward(finite [B] bool)``,
+    backward of the sum of the *finite* per-example losses (a NaN/inf loss stays out of the
+    backward), ``on_batch(indices, losses)``.  The batch of documents shorter than two tokens is
+    not run (``on_batch`` gets zero losses; their gradient is zero).  ``fillers`` more passes
+    over the last batch follow, with every example masked out and no ``on_batch``: ranks of an
+    FSDP model must all run the same number of passes.  Returns the number of tokens run.
     """
     from tqdm.auto import tqdm
 
     device = _model_device(model)
-    runnable = [i for i, n in enumerate(tok.lengths) if n >= 2]
-    batches = [[runnable[j] for j in b] for b in token_batches([tok.lengths[i] for i in runnable], token_batch_size)]
-    empty = [i for i, n in enumerate(tok.lengths) if n < 2]
-    if empty:
-        batches.insert(0, empty)
-    todo = batches[skip:]
-    total_tokens = sum(tok.lengths[i] for b in todo for i in b)
+    batches = plan_batches(tok.lengths, token_batch_size)
+    todo = list(range(skip, len(batches))) if select is None else list(select)
+    steps = [(b, True) for b in todo]
+    if fillers and batches and tok.lengths[batches[-1][0]] >= 2:
+        steps += [(len(batches) - 1, False)] * fillers
+    total_tokens = sum(tok.lengths[i] for b in todo for i in batches[b])
     was_training = model.training
     model.eval()
     bar = tqdm(total=total_tokens, desc=desc, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
     try:
         docs = 0
-        for idx in todo:
+        for b, real in steps:
+            idx = batches[b]
             if before_batch is not None:
-                before_batch(idx)
+                before_batch(idx, b)
             if tok.lengths[idx[0]] < 2:
                 losses = torch.zeros(len(idx))
             else:
@@ -110,8 +129,13 @@ def run_batches(
                 )
                 logits = _logits(model(input_ids=ids, attention_mask=mask))
                 losses = per_example_loss(logits, labels, loss_reduction)
-                losses.sum().backward()
+                finite = torch.isfinite(losses.detach()) & real
+                if before_backward is not None:
+                    before_backward(finite)
+                torch.where(finite, losses, 0.0).sum().backward()
                 losses = losses.detach()
+            if not real:
+                continue
             if on_batch is not None:
                 on_batch(idx, losses)
             docs += len(idx)
@@ -121,6 +145,45 @@ def run_batches(
         bar.close()
         model.train(was_training)
     return total_tokens
+
+
+def check_documents(model: nn.Module, tok: Tokenized) -> None:
+    """Clear errors, before any forward pass, for documents the model cannot run: token ids
+    outside its vocabulary, documents longer than its position table (instead of an index error
+    deep inside an embedding, or a silent extrapolation past the trained context), and a
+    dataset where no document has the two tokens a loss needs."""
+    if not tok.lengths:
+        return
+    if max(tok.lengths) < 2:
+        raise ValueError(
+            f"no document has two tokens or more ({len(tok)} documents, the longest has {max(tok.lengths)}): "
+            "a next-token loss needs at least two, so there is no gradient to collect"
+        )
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    if isinstance(vocab, int):
+        for i, ids in enumerate(tok.input_ids):
+            if ids and (min(ids) < 0 or max(ids) >= vocab):
+                bad = min(ids) if min(ids) < 0 else max(ids)
+                raise ValueError(
+                    f"document {i} has token id {bad}, outside the model's vocabulary (0..{vocab - 1}): "
+                    "was it tokenized for another model?"
+                )
+    config = getattr(model, "config", None)
+    limit, attr = None, None
+    for attr in ("max_position_embeddings", "n_positions"):
+        limit = getattr(config, attr, None)
+        if isinstance(limit, int) and limit > 0:
+            break
+        limit = None
+    if limit is None:
+        return
+    longest = max(range(len(tok.lengths)), key=tok.lengths.__getitem__)
+    if tok.lengths[longest] > limit:
+        raise ValueError(
+            f"document {longest} has {tok.lengths[longest]} tokens, more than the model's {limit} positions "
+            f"(config.{attr}); pass max_length={limit} (--max_length {limit}) to truncate long documents"
+        )
 
 
 def _tokenized(dataset, tokenizer, prompt_column, completion_column, max_length) -> Tokenized:
@@ -154,6 +217,7 @@ class _MomentHooks(_LayerHooks):
         self.include_bias = include_bias
         self.count = 0
         self.sums: dict[str, dict[str, Tensor]] = {}
+        self.keep: Tensor | None = None  # [N] bool: examples of this batch that count (finite loss)
 
     def _forward(self, spec, x):
         return x
@@ -166,11 +230,15 @@ class _MomentHooks(_LayerHooks):
         x = torch.cat([p[1] for p in partials], dim=1)
         dt = reference.compute_dtype(g, x)
         g, x = g.to(dt), x.to(dt)
+        if self.keep is not None and not bool(self.keep.all()):
+            keep = self.keep.to(g.device)[:, None, None]
+            g, x = torch.where(keep, g, 0.0), torch.where(keep, x, 0.0)  # NaN activations too
         n, s, o = g.shape
         i = x.shape[-1]
         acc = self.sums.setdefault(spec.name, {})
 
-        def add(key, value):
+        def add(key, value):  # float64 sums: the result hardly depends on the order (ranks, batches)
+            value = value.double()
             acc[key] = acc[key] + value if key in acc else value
 
         if self.kind == "adafactor" and s * (o + i) < o * i:
@@ -188,6 +256,26 @@ class _MomentHooks(_LayerHooks):
                     add("col", sq.mean(1).sum(0))
         if self.include_bias and spec.has_bias:
             add("bias", g.sum(1).square().sum(0))
+
+    def all_reduce(self, group) -> None:
+        """Sum the moments over the ranks of ``group`` (a layer no rank saw stays absent)."""
+        if not group.active:
+            return
+        device = _model_device(self.model)
+        for name, spec in self.layers.items():
+            acc = self.sums.get(name, {})
+            seen = group.all_reduce_sum(torch.tensor([len(acc)]), "summing normalizer moments")
+            if not int(seen):
+                continue
+            o, i = spec.out_features, spec.in_features
+            shapes = {"avg_sq": (o, i)} if self.kind == "adam" else {"row": (o,), "col": (i,)}
+            if self.include_bias and spec.has_bias:
+                shapes["bias"] = (o,)
+            self.sums[name] = {
+                k: group.all_reduce_sum(acc[k] if k in acc else torch.zeros(shape, dtype=torch.float64, device=device),
+                                        "summing normalizer moments")
+                for k, shape in shapes.items()
+            }
 
     def result(self, count: int) -> dict[str, Normalizer]:
         out: dict[str, Normalizer] = {}
@@ -215,13 +303,20 @@ def fit_normalizers(
     target_modules=None,
     include_bias: bool = False,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> dict[str, Normalizer]:
     """Fit second moments from data: ``E_n[G_n ⊙ G_n]`` (``kind="adam"``) or its row and column
     means (``kind="adafactor"``), over the first ``max_examples`` examples (all when ``None``).
 
     ``dataset`` is raw text (with ``tokenizer``) or already tokenized, exactly as for
-    :func:`collect_gradients`.  Returns ``{layer name: normalizer}``.
+    :func:`collect_gradients`.  Examples whose loss is not finite are left out of the mean.
+    Inside an initialized ``torch.distributed`` process group (unless ``distributed=False``)
+    every rank must call this: each runs a share of the batches and the sums are all-reduced.
+    Returns ``{layer name: normalizer}``.
     """
+    from . import distributed as dist_
+
+    group = dist_.current(distributed)
     if kind not in ("adafactor", "adam"):
         raise ValueError(f"kind must be 'adafactor' or 'adam', got {kind!r}")
     _check_common(loss_reduction, token_batch_size)
@@ -230,7 +325,17 @@ def fit_normalizers(
         if max_examples < 1:
             raise ValueError(f"max_examples must be >= 1, got {max_examples}")
         tok = tok.select(range(min(max_examples, len(tok))))
+    check_documents(model, tok)
     hooks = _MomentHooks(model, kind=kind, target_modules=target_modules, include_bias=include_bias)
+    select, fillers = _share(group, model, tok, token_batch_size, range(len(plan_batches(tok.lengths, token_batch_size))))
+    dropped = [0]
+
+    def before_backward(finite):
+        hooks.keep = finite
+
+    def on_batch(idx, losses):
+        dropped[0] += int((~torch.isfinite(losses)).sum())
+
     with hooks:
         run_batches(
             model,
@@ -238,10 +343,35 @@ def fit_normalizers(
             loss_reduction=loss_reduction,
             token_batch_size=token_batch_size,
             pad_id=_pad_id(tokenizer),
-            progress=progress,
+            before_backward=before_backward,
+            on_batch=on_batch,
+            progress=progress and group.is_main,
             desc=f"fitting {kind} moments",
+            select=select,
+            fillers=fillers,
         )
-    return hooks.result(len(tok))
+    dropped = int(group.all_reduce_sum(torch.tensor([dropped[0]]), "counting fitted examples"))
+    hooks.all_reduce(group)
+    if dropped:
+        warnings.warn(f"{dropped} examples with a non-finite loss (NaN/inf) were left out of the fitted moments",
+                      stacklevel=2)
+    return hooks.result(max(1, len(tok) - dropped))
+
+
+def _share(group, model, tok: Tokenized, token_batch_size: int, todo) -> tuple[list[int], int]:
+    """This rank's round-robin share of the batch numbers ``todo``, and how many filler passes
+    it must add so that every rank of an FSDP-sharded model runs as many forward passes."""
+    mine = group.split(list(todo))
+    if not group.active:
+        return mine, 0
+    from .distributed import is_fsdp
+
+    if not is_fsdp(model):
+        return mine, 0
+    batches = plan_batches(tok.lengths, token_batch_size)
+    passes = sum(1 for b in mine if tok.lengths[batches[b][0]] >= 2)
+    most = int(group.all_reduce_max(passes, "agreeing on the number of passes"))
+    return mine, most - passes
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,6 +384,8 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     with torch.no_grad():
         for name, p in model.state_dict().items():
+            if hasattr(p, "full_tensor"):  # an FSDP2 (DTensor) shard: every rank gathers the same
+                p = p.full_tensor()
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:".encode())
             if p.is_floating_point():
                 h.update(f"{p.double().sum().item():.12e}:{p.double().abs().sum().item():.12e}".encode())
@@ -288,6 +420,7 @@ def collect_gradients(
     model_info: dict | None = None,
     dataset_info: dict | None = None,
     tokenizer_info: dict | None = None,
+    distributed: bool | None = None,
 ):
     """Per-example projected, normalized gradients of every example of ``dataset``.
 
@@ -311,6 +444,16 @@ def collect_gradients(
             returning the features in memory; ``store_dtype`` (``float32``/``bfloat16``/``float16``),
             ``shard_rows``, ``resume`` and ``overwrite`` control it, ``*_info`` dicts go into
             its manifest (identities of the model, dataset and tokenizer).
+        distributed: inside an initialized ``torch.distributed`` process group (default:
+            whenever one is initialized; ``False`` to stay local) every rank must call this with
+            the same arguments: each runs a disjoint share of the batches (and of the normalizer
+            fitting, all-reduced); with ``output_path`` each rank writes its own shards and rank 0
+            writes the manifest once all are done, without it every rank gets all rows.
+            An FSDP2-sharded model (:func:`bergson.distributed.shard_model`) works too.
+
+    A document whose loss is NaN or inf gets a zero row and a warning, and is listed in the
+    index manifest's ``skipped_rows``; a document longer than the model's position table is
+    an error (pass ``max_length``).
 
     Returns:
         Without ``output_path``: a ``datasets.Dataset`` with the input columns plus ``gradients``
@@ -322,11 +465,15 @@ def collect_gradients(
     if normalizer not in NORMALIZER_KINDS:
         raise ValueError(f"normalizer must be one of {NORMALIZER_KINDS}, got {normalizer!r}")
     _check_common(loss_reduction, token_batch_size)
+    from . import distributed as dist_
+
+    group = dist_.current(distributed)
     ds = _as_dataset(dataset)
     clash = [c for c in OUTPUT_COLUMNS if c in ds.column_names]
     if clash and output_path is None:
         raise ValueError(f"the dataset already has column(s) {clash}; rename them before collecting")
     tok = _tokenized(ds, tokenizer, prompt_column, completion_column, max_length)
+    check_documents(model, tok)
     # The collector validates the model and options before any (costly) fitting pass.
     collector = GradientCollector(
         model,
@@ -353,9 +500,12 @@ def collect_gradients(
     fit_kw = dict(
         kind=normalizer, max_examples=fit_examples, loss_reduction=loss_reduction, token_batch_size=token_batch_size,
         target_modules=list(collector.layers), include_bias=include_bias, progress=progress, tokenizer=tokenizer,
+        distributed=group.active,
     )
     run_kw = dict(loss_reduction=loss_reduction, token_batch_size=token_batch_size, pad_id=_pad_id(tokenizer),
-                  progress=progress)
+                  progress=progress and group.is_main)
+    num_batches = len(plan_batches(tok.lengths, token_batch_size))
+    skipped: list[int] = []
     if output_path is None:
         if normalizers is None and normalizer != "none":
             normalizers = fit_normalizers(model, tok, **fit_kw)
@@ -363,15 +513,21 @@ def collect_gradients(
         out = torch.zeros(len(tok), collector.total_dim, dtype=torch.float32)
         losses = torch.zeros(len(tok), dtype=torch.float32)
 
-        def sink(idx, feats, batch_losses):
+        def sink(idx, feats, batch_losses, batch, bad):
             out[idx] = feats
             losses[idx] = batch_losses
+            skipped.extend(bad)
 
-        _collect(model, tok, collector, sink, **run_kw)
+        select, fillers = _share(group, model, tok, token_batch_size, range(num_batches))
+        _collect(model, tok, collector, sink, select=select, fillers=fillers, **run_kw)
+        if group.active:  # disjoint rows: the sum is every rank's rows, exactly
+            out = group.all_reduce_sum(out, "gathering the features")
+            losses = group.all_reduce_sum(losses, "gathering the losses")
+        _warn_skipped(group, skipped)
         return _join(ds, out, losses, tok.lengths)
 
     from .normalizers import load_normalizers, save_normalizers
-    from .storage import NORMALIZERS, STORE_DTYPES, ShardWriter, load_index
+    from .storage import NORMALIZERS, STORE_DTYPES, load_index
 
     if store_dtype not in STORE_DTYPES:
         raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
@@ -392,38 +548,80 @@ def collect_gradients(
         "feature_dim": collector.total_dim,
         "dtype": store_dtype,
         "shard_rows": shard_rows,
+        "token_batch_size": token_batch_size,
     }
-    writer = ShardWriter(output_path, identity, resume=resume, overwrite=overwrite)
-    norm_path = writer.path / NORMALIZERS
-    if normalizers is None and normalizer != "none" and writer.batches_done and norm_path.exists():
-        normalizers = load_normalizers(norm_path)  # resuming: the moments this run started with
-    else:
-        if normalizers is None and normalizer != "none":
-            normalizers = fit_normalizers(model, tok, **fit_kw)
-        if normalizers:
-            save_normalizers(normalizers, norm_path)
-    collector.set_normalizers(normalizers)
+    writer = _open_writer(group, output_path, identity, resume=resume, overwrite=overwrite)
+    try:
+        norm_path = writer.path / NORMALIZERS
+        if normalizers is None and normalizer != "none" and writer.batches_done and norm_path.exists():
+            normalizers = load_normalizers(norm_path)  # resuming: the moments this run started with
+        else:
+            if normalizers is None and normalizer != "none":
+                normalizers = fit_normalizers(model, tok, **fit_kw)
+            if normalizers and group.is_main:
+                save_normalizers(normalizers, norm_path)
+        collector.set_normalizers(normalizers)
 
-    def write(idx, feats, batch_losses):
-        writer.add(idx, feats, batch_losses)
+        def write(idx, feats, batch_losses, batch, bad):
+            writer.add(idx, feats, batch_losses, batch=batch, skipped=bad)
+            skipped.extend(bad)
 
-    t0 = time.perf_counter()
-    tokens = _collect(model, tok, collector, write, skip=writer.batches_done, **run_kw)
-    seconds = time.perf_counter() - t0
-    writer.close(extra={"truncated": tok.truncated, "collect_seconds": round(seconds, 3), "tokens": tokens})
+        todo = [b for b in range(num_batches) if b not in writer.done_batches]
+        select, fillers = _share(group, model, tok, token_batch_size, todo)
+        t0 = time.perf_counter()
+        tokens = _collect(model, tok, collector, write, select=select, fillers=fillers, **run_kw)
+        writer.flush()
+        seconds = group.all_reduce_max(time.perf_counter() - t0, "waiting for every rank to finish its shards")
+        tokens = int(group.all_reduce_sum(torch.tensor([tokens]), "counting tokens"))
+        extra = {"truncated": tok.truncated, "collect_seconds": round(seconds, 3), "tokens": tokens}
+        if group.active:
+            extra["world_size"] = group.world
+        group.on_main(lambda: writer.finalize(extra=extra), "writing the manifest")
+    except BaseException:
+        writer.release()
+        raise
+    _warn_skipped(group, skipped)
     return load_index(writer.path)
 
 
-def _collect(model, tok: Tokenized, collector: GradientCollector, sink, *, skip: int = 0, **run_kw) -> int:
-    """Run every batch under ``collector``; ``sink(row_ids, features [B, D], losses [B])``.
+def _open_writer(group, path, identity: dict, *, resume: bool, overwrite: bool):
+    """Rank 0 locks and prepares ``path`` (its errors reach every rank); then the others open it."""
+    from .storage import ShardWriter
 
-    Returns the number of tokens processed.
+    if not group.active:
+        return ShardWriter(path, identity, resume=resume, overwrite=overwrite)
+    writer = group.on_main(
+        lambda: ShardWriter(path, identity, resume=resume, overwrite=overwrite, rank=0, world_size=group.world),
+        f"preparing {path}",
+    )
+    if not group.is_main:
+        writer = ShardWriter(path, identity, rank=group.rank, world_size=group.world)
+    return writer
+
+
+def _warn_skipped(group, skipped: list[int]) -> None:
+    n = int(group.all_reduce_sum(torch.tensor([len(skipped)]), "counting skipped rows")) if group.active else len(skipped)
+    if n and group.is_main:
+        shown = sorted(skipped)[:10] if not group.active else "listed in the manifest's skipped_rows"
+        warnings.warn(
+            f"{n} documents had a non-finite loss or gradient (NaN/inf): their rows are zeros ({shown})",
+            stacklevel=3,
+        )
+
+
+def _collect(model, tok: Tokenized, collector: GradientCollector, sink, **run_kw) -> int:
+    """Run batches under ``collector`` (``run_kw``: see :func:`run_batches`);
+    ``sink(row_ids, features [B, D], losses [B], batch number, skipped row ids)``.
+
+    A row whose loss or features are not finite is zeroed and reported as skipped.  Returns the
+    number of tokens processed.
     """
     layout = {name: (off, d) for name, off, d in collector.layout}
     state: dict = {}
 
-    def before_batch(idx):
+    def before_batch(idx, batch):
         state["idx"] = torch.tensor(idx, dtype=torch.long)
+        state["batch"] = batch
         state["buf"] = torch.zeros(len(idx), collector.total_dim, dtype=torch.float32)
 
     def closure(name, feats):
@@ -431,11 +629,15 @@ def _collect(model, tok: Tokenized, collector: GradientCollector, sink, *, skip:
         state["buf"][:, off : off + d] = feats.to("cpu", torch.float32)
 
     def on_batch(idx, batch_losses):
-        sink(state["idx"], state["buf"], batch_losses.to("cpu", torch.float32))
+        buf, losses = state["buf"], batch_losses.to("cpu", torch.float32)
+        bad = ~torch.isfinite(losses) | ~torch.isfinite(buf).all(1)
+        if bool(bad.any()):
+            buf[bad] = 0.0
+        sink(state["idx"], buf, losses, state["batch"], state["idx"][bad].tolist())
 
     collector.closure = closure
     with collector:
-        return run_batches(model, tok, on_batch=on_batch, before_batch=before_batch, skip=skip, **run_kw)
+        return run_batches(model, tok, on_batch=on_batch, before_batch=before_batch, **run_kw)
 
 
 def _join(ds, out: Tensor, losses: Tensor, lengths):

@@ -45,6 +45,12 @@ def _read_queries(path: str, prompt_column: str, completion_column: str | None):
     return prompts, completions
 
 
+def _is_main() -> bool:
+    from .distributed import current
+
+    return current().is_main
+
+
 def _score_to_file(att, prompts, completions, output, *, top_k, all_pairs, query_stats, meta):
     from .query import write_scores
 
@@ -54,10 +60,13 @@ def _score_to_file(att, prompts, completions, output, *, top_k, all_pairs, query
         lam = att.fit_query_stats(features=feats)
     meta = {**meta, "score": att.score, "lambda": lam, "num_queries": len(prompts)}
     if all_pairs:
-        write_scores(output, att.scores_all(feats), None, {**meta, "layout": "all_pairs"})
+        scores = att.scores_all(feats)  # under torchrun: every rank scores a share of the shards
+        if _is_main():
+            write_scores(output, scores, None, {**meta, "layout": "all_pairs"})
         return None, None, lam
     scores, ids = att.scores_topk(feats, top_k)
-    write_scores(output, scores, ids, {**meta, "layout": "top_k", "top_k": top_k})
+    if _is_main():
+        write_scores(output, scores, ids, {**meta, "layout": "top_k", "top_k": top_k})
     return scores, ids, lam
 
 
@@ -71,7 +80,8 @@ def score(cfg: ScoreConfig) -> None:
         query_stats=cfg.query_stats, meta={"index": str(Path(cfg.index).resolve()), "queries": cfg.queries},
     )
     extra = f", lambda={lam:.4f}" if lam is not None else ""
-    print(f"bergson: scored {len(prompts)} queries against {len(att.index)} rows ({cfg.score}{extra}) -> {cfg.output}")
+    if _is_main():
+        print(f"bergson: scored {len(prompts)} queries against {len(att.index)} rows ({cfg.score}{extra}) -> {cfg.output}")
 
 
 def trackstar(cfg: TrackstarConfig) -> None:
@@ -84,17 +94,21 @@ def trackstar(cfg: TrackstarConfig) -> None:
     build_fields = {f.name for f in dataclasses.fields(BuildConfig)}
     bcfg = BuildConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in build_fields})
     if (out / MANIFEST).exists() and load_index(out, verify=False).complete and not cfg.overwrite:
-        print(f"bergson: reusing the complete index in {out}")
+        if _is_main():
+            print(f"bergson: reusing the complete index in {out}")
     else:
         if (out / MANIFEST).exists() and not cfg.overwrite:
             bcfg = dataclasses.replace(bcfg, resume=True)
         _, summary = build(bcfg)
-        print(summary)
+        if _is_main():
+            print(summary)
     att = Attributor(out, score=cfg.score, lambda_k=cfg.lambda_k, damping=cfg.damping, backend=cfg.backend)
     scores, ids, lam = _score_to_file(
         att, prompts, completions, out / "scores.safetensors", top_k=cfg.top_k, all_pairs=False,
         query_stats=True, meta={"index": str(out.resolve()), "queries": cfg.queries},
     )
+    if not _is_main():
+        return
     texts = att.texts()
     print(f"bergson: scored {len(prompts)} queries (lambda={lam if lam is None else round(lam, 4)}) "
           f"-> {out / 'scores.safetensors'}")

@@ -53,6 +53,7 @@ class BuildConfig:
     overwrite: bool = opt(False, "replace whatever OUTPUT holds")
     allow_download: bool = opt(False, "let Hugging Face download hub ids (default: local paths and cache only)")
     progress: bool = opt(True, "show a progress bar")
+    fsdp: bool = opt(False, "shard the model over the torchrun ranks with FSDP2 (for models that do not fit one device)")
 
     def __post_init__(self):
         if self.output is None:

@@ -65,8 +65,9 @@ def tokenize(
             raise ValueError(
                 f"no tokenizer given and the dataset has no 'input_ids' column; available columns: {cols}"
             )
-        ids = [list(map(int, x)) for x in dataset["input_ids"]]
-        labels = [list(map(int, x)) for x in dataset["labels"]] if "labels" in cols else [list(x) for x in ids]
+        ids = [_as_ids(x, i, "input_ids") for i, x in enumerate(dataset["input_ids"])]
+        labels = ([_as_ids(x, i, "labels") for i, x in enumerate(dataset["labels"])] if "labels" in cols
+                  else [list(x) for x in ids])
     else:
         check_column(dataset, prompt_column, "prompt_column")
         if completion_column is not None:
@@ -97,6 +98,15 @@ def tokenize(
     if all(len(x) == 0 for x in ids):
         raise ValueError("every document is empty after tokenization")
     return Tokenized(ids, labels, truncated)
+
+
+def _as_ids(value: Any, row: int, column: str) -> list[int]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"row {row}: column {column!r} must hold lists of token ids, found {type(value).__name__}")
+    try:
+        return [int(t) for t in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"row {row}: column {column!r} must hold lists of integer token ids, found {value!r:.80}") from None
 
 
 def _as_text(value: Any, column: str) -> str:

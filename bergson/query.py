@@ -62,7 +62,11 @@ class Attributor:
         backend: str = "auto",
         progress: bool = False,
         dataset=None,
+        distributed: bool | None = None,
     ):
+        from . import distributed as dist_
+
+        self._group = dist_.current(distributed)  # every rank scores a share of the shards
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         if damping < 0:
@@ -142,6 +146,7 @@ class Attributor:
             include_bias=s["include_bias"],
             backend=self.backend,
             progress=self.progress,
+            distributed=self._group.active,
         )
         return out.with_format("torch")[:]["gradients"]
 
@@ -159,17 +164,23 @@ class Attributor:
                         self._r_train = {n: f.get_tensor(n) for n in f.keys()}
             if self._r_train is None:
                 acc = Autocorrelation(self.blocks)
-                for _, feats in self.index.iter_chunks(self.chunk_rows):
+                for _, feats in self.index.iter_chunks(self.chunk_rows, part=self._part):
                     acc.update(feats)
+                acc.all_reduce(self._group)
                 self._r_train = acc.result()
                 try:
                     from safetensors.torch import save
 
-                    atomic_write_bytes(path, save({n: t.contiguous() for n, t in self._r_train.items()},
-                                                  metadata={"key": key}))
+                    if self._group.is_main:  # one writer
+                        atomic_write_bytes(path, save({n: t.contiguous() for n, t in self._r_train.items()},
+                                                      metadata={"key": key}))
                 except OSError:
                     pass  # a read-only index still works, just without the cache
         return self._r_train
+
+    @property
+    def _part(self) -> tuple[int, int] | None:
+        return (self._group.rank, self._group.world) if self._group.active else None
 
     def _stats_key(self) -> str:
         return ",".join(s["sha256"][:16] for s in self.index.manifest["shards"])
@@ -205,6 +216,11 @@ class Attributor:
         return feats.float()
 
     def query_transform(self, feats: torch.Tensor) -> torch.Tensor:
+        if feats.ndim != 2 or feats.shape[1] != self.index.feature_dim:
+            raise ValueError(
+                f"query features of shape {tuple(feats.shape)} do not match the index ({self.index.feature_dim} "
+                "values per row): compute them with this index's settings (Attributor.features)"
+            )
         if self.score == "one_sided":
             return self.preconditioner(1.0).apply(feats)
         return self.index_transform(feats)
@@ -212,15 +228,17 @@ class Attributor:
     def scores_topk(self, query_feats: torch.Tensor, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores [Q, k'], row_ids [Q, k'])`` by streaming over the shards."""
         q = self.query_transform(query_feats)
-        return stream_topk(self.index.iter_chunks(self.chunk_rows), q, k, transform=self.index_transform)
+        scores, ids = stream_topk(self.index.iter_chunks(self.chunk_rows, part=self._part), q, k,
+                                  transform=self.index_transform)
+        return self._group.merge_topk(scores, ids, k)
 
     def scores_all(self, query_feats: torch.Tensor) -> torch.Tensor:
         """All-pairs scores ``[Q, N]`` in row-id order (holds Q×N floats in memory)."""
         q = self.query_transform(query_feats)
         out = torch.zeros(q.shape[0], len(self.index))
-        for ids, feats in self.index.iter_chunks(self.chunk_rows):
+        for ids, feats in self.index.iter_chunks(self.chunk_rows, part=self._part):
             out[:, ids] = q @ self.index_transform(feats).T
-        return out
+        return self._group.all_reduce_sum(out, "gathering the scores")  # disjoint rows: exact
 
     def texts(self) -> list[str] | None:
         if self._texts is None:

@@ -47,6 +47,12 @@ class Autocorrelation:
             self.sums[name] += x.T @ x
         self.count += feats.shape[0]
 
+    def all_reduce(self, group) -> None:
+        """Sum the statistics over the ranks of a :class:`bergson.distributed.Group`."""
+        if group.active:
+            self.sums = {n: group.all_reduce_sum(t, "summing the autocorrelation") for n, t in self.sums.items()}
+            self.count = int(group.all_reduce_sum(torch.tensor([self.count]), "counting rows"))
+
     def result(self) -> dict[str, Tensor]:
         if self.count == 0:
             raise ValueError("no rows: cannot estimate an autocorrelation")
@@ -138,5 +144,7 @@ def stream_topk(
     q = queries.float()
     for ids, feats in chunks:
         f = transform(feats) if transform is not None else feats.float()
+        if f.shape[1] != q.shape[1]:
+            raise ValueError(f"query features have {q.shape[1]} values per row, the index rows {f.shape[1]}")
         top.update(ids, q @ f.T)
     return top.result()

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -202,11 +203,11 @@ def test_ctrl_c_keeps_a_resumable_index(assets, tmp_path, monkeypatch, capsys):
     real_add = storage.ShardWriter.add
     calls = {"n": 0}
 
-    def interrupted(self, *a):
+    def interrupted(self, *a, **kw):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real_add(self, *a)
+        return real_add(self, *a, **kw)
 
     monkeypatch.setattr(storage.ShardWriter, "add", interrupted)
     assert build(assets, out) == 130
@@ -275,12 +276,28 @@ def test_sigkill_then_resume_gives_the_same_index_bit_for_bit(assets, tmp_path):
     proc.wait()
     m = json.loads((out / "manifest.json").read_text())
     assert not m["complete"] and 3 <= len(m["shards"]) < 80, "the kill did not land mid-run"
+    assert (out / ".lock").read_text() == f"pid {proc.pid} on {socket.gethostname()}\n"  # stale: blocks nothing
     r = subprocess.run([sys.executable, "-m", "bergson", str(out), *common, "--resume"], env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     (ia, fa), (ib, fb) = _rows(clean), _rows(out)
     assert torch.equal(ia, ib) and torch.equal(fa, fb)
     assert len(ib) == 160
+
+
+def test_same_inputs_and_seed_give_a_bit_identical_index(assets, tmp_path):
+    """Determinism: two builds of the same data, model and seed write byte-identical shards and
+    normalizers, and manifests that differ only in the timing."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert build(assets, a, "--normalizer", "adam") == 0 and build(assets, b, "--normalizer", "adam") == 0
+    files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
+    assert len(files) >= 5 and files == sorted(p.relative_to(b) for p in b.rglob("*.safetensors"))
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    for m in (ma, mb):
+        m.pop("collect_seconds")
+    assert ma == mb
 
 
 def test_embedded_default_through_a_subprocess(tmp_path):

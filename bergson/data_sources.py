@@ -2,8 +2,10 @@
 
 * model: a local directory (``save_pretrained`` layout) or a hub id found in the local Hugging
   Face cache; ``None`` is the embedded default model shipped in the package.
-* dataset: a ``save_to_disk`` directory, a ``.jsonl``/``.json``/``.csv``/``.parquet`` file, or a
-  hub id found in the local cache; ``None`` is the embedded default corpus.
+* dataset: a ``save_to_disk`` directory, a ``.jsonl``/``.json``/``.csv``/``.parquet`` file, a
+  ``.txt`` file (one document per line, column ``text``), or a hub id found in the local cache;
+  ``None`` is the embedded default corpus.  Text files must be UTF-8: other bytes are an error
+  naming the line, not a decoding failure halfway through a run.
 
 Nothing is ever downloaded unless ``allow_download=True``: a hub id that is not cached fails at
 once, saying to pass a local path, instead of waiting on network retries.
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 DEFAULT = "bergson:default"
 
 
@@ -136,8 +138,10 @@ def load_dataset(spec: str | None, *, split: str = "train", allow_download: bool
         kind = DATA_SUFFIXES.get(p.suffix.lower())
         if kind is None:
             raise ValueError(f"--dataset {spec}: unsupported file type {p.suffix!r}; use one of {sorted(DATA_SUFFIXES)}")
+        if kind != "parquet":
+            check_utf8(p, f"--dataset {spec}")
         reader = {"json": datasets.Dataset.from_json, "csv": datasets.Dataset.from_csv,
-                  "parquet": datasets.Dataset.from_parquet}[kind]
+                  "parquet": datasets.Dataset.from_parquet, "text": datasets.Dataset.from_text}[kind]
         try:
             ds = reader(str(p), keep_in_memory=True)
         except Exception as e:  # the readers raise many types for malformed files
@@ -155,6 +159,31 @@ def load_dataset(spec: str | None, *, split: str = "train", allow_download: bool
             f"(no network access is attempted; pass a local file or saved dataset directory): {type(e).__name__}"
         ) from None
     return ds, {"id": spec, "split": split, "fingerprint": ds._fingerprint, "num_rows": len(ds)}
+
+
+def check_utf8(path: Path, what: str, chunk: int = 1 << 22) -> None:
+    """Raise a ``ValueError`` naming the line and byte when ``path`` is not valid UTF-8."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                at = min(max(e.start, 0), max(len(block) - 1, 0))
+                byte = f"byte 0x{block[at]:02x}" if block else "a truncated character at the end"
+                where = line + block[:at].count(b"\n")
+                raise ValueError(
+                    f"{what} is not valid UTF-8: {byte} on line {where} "
+                    f"(offset {offset + at}); re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
+            if not block:
+                return
+            line += block.count(b"\n")
+            offset += len(block)
 
 
 def _file_sha256(p: Path) -> str:

@@ -37,7 +37,10 @@ class BuildConfig:
         None, "take second moments from a saved optimizer state_dict (.pt) or a bergson normalizers .safetensors"
     )
     fit_examples: int = opt(1000, "examples used to fit the normalizer from data (when no --optimizer_state)")
-    loss_reduction: str = opt("sum", "per-document loss: sum or mean of token losses", ["sum", "mean"])
+    loss_reduction: str = opt(
+        "sum", "per-document loss: sum or mean of token losses, or sum_log: sum of log token losses "
+        "(weighs each token by 1/loss; best for fact tracing)", ["sum", "mean", "sum_log"]
+    )
     precision: str = opt("float32", "dtype of the stored features", ["float32", "bfloat16", "float16"])
     model_dtype: str = opt("auto", "dtype to run the model in", ["auto", "float32", "bfloat16", "float16", "float64"])
     token_batch_size: int = opt(4096, "padded tokens per batch (documents are sorted by length)")

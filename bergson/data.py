@@ -14,7 +14,9 @@ from typing import Any, Sequence
 import torch
 
 IGNORE_INDEX = -100
-LOSS_REDUCTIONS = ("sum", "mean")
+LOSS_REDUCTIONS = ("sum", "mean", "sum_log")
+# ``sum_log``: log(token loss + LOG_LOSS_EPS); the floor keeps a perfectly predicted token finite.
+LOG_LOSS_EPS = 1e-6
 
 
 @dataclass
@@ -163,8 +165,11 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str 
 
     Token ``t`` predicts ``labels[t+1]``; labels of ``-100`` contribute nothing.  ``"sum"``
     (default) adds the token losses, ``"mean"`` divides by the example's number of loss tokens
-    (examples without any give 0).  Summing the result over the batch gives every example its
-    own gradient, independent of which other examples share the batch.
+    (examples without any give 0), ``"sum_log"`` adds ``log(loss + 1e-6)`` of each token: its
+    gradient is ``Σ_t ∇ℓ_t / (ℓ_t + 1e-6)``, the *relative* change of every token's loss, so the
+    tokens a model predicts well (what it learned from the document) weigh as much as the
+    unpredictable ones, which dominate a plain sum.  Summing the result over the batch gives
+    every example its own gradient, independent of which other examples share the batch.
     """
     if reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
@@ -173,6 +178,8 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str 
     tok = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     ).view(target.shape)
+    if reduction == "sum_log":
+        tok = torch.where(target != IGNORE_INDEX, torch.log(tok + LOG_LOSS_EPS), 0.0)
     loss = tok.sum(1)
     if reduction == "mean":
         loss = loss / (target != IGNORE_INDEX).sum(1).clamp_min(1)

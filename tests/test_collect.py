@@ -110,3 +110,42 @@ def test_token_batches_respect_the_budget():
     for b in batches:
         assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 40
     assert batches[0] == [6]  # longest first, alone
+
+
+def test_sum_log_reduction_is_the_sum_of_log_token_losses(tokenizer):
+    """``sum_log`` = Σ_t log(ℓ_t + 1e-6) over loss tokens; its gradient is Σ_t ∇ℓ_t / (ℓ_t + 1e-6)."""
+    from bergson.data import LOG_LOSS_EPS, per_example_loss
+
+    model = make_model("llama", dtype=torch.float64)
+    ids = [tokenizer(t)["input_ids"] for t in CORPUS[:3]]
+    labels = [list(x) for x in ids]
+    labels[1][2] = IGNORE_INDEX  # a token outside the loss
+    layers = GradientCollector(model).layers
+    name = next(iter(layers))
+    weight = model.get_submodule(name).weight
+    expected_loss = []
+    assert weight.requires_grad
+    for x, y in zip(ids, labels):
+        logits = model(input_ids=torch.tensor([x])).logits
+        logp = torch.log_softmax(logits[0], -1)
+        tok_losses = [-logp[t - 1, y[t]] for t in range(1, len(x)) if y[t] != IGNORE_INDEX]
+        want = sum(torch.log(lt + LOG_LOSS_EPS) for lt in tok_losses)
+        got = per_example_loss(logits, torch.tensor([y]), "sum_log")
+        assert abs(got.item() - want.item()) < 1e-10
+        expected_loss.append(want.item())
+        # gradient identity, token by token through autograd
+        g_want = sum(torch.autograd.grad(lt, weight, retain_graph=True)[0] / (lt.item() + LOG_LOSS_EPS) for lt in tok_losses)
+        g_got = torch.autograd.grad(got.sum(), weight, retain_graph=True)[0]
+        g_sum = torch.autograd.grad(per_example_loss(logits, torch.tensor([y])).sum(), weight)[0]
+        assert rel_err(g_got, g_want) < 1e-6  # the tiny Llama's rotary tables are float32
+        # not the plain sum (an untrained model has similar token losses, so only slightly different)
+        assert rel_err(g_got / g_got.norm(), g_sum / g_sum.norm()) > 1e-3
+    out = bergson.collect_gradients(
+        model, datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}), projection_dim=0,
+        normalizer="none", loss_reduction="sum_log", progress=False,
+    )
+    gt = ground_truth(model, layers, ids, labels, reduction="sum_log")
+    grads = out.with_format("torch")[:]["gradients"]
+    for n in range(len(ids)):
+        assert rel_err(grads[n], torch.cat([gt[n][k].flatten() for k in layers])) < 1e-6
+    assert torch.allclose(torch.tensor(out["loss"], dtype=torch.float64), torch.tensor(expected_loss, dtype=torch.float64), rtol=1e-6)

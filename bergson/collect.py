@@ -352,7 +352,7 @@ def fit_normalizers(
         )
     dropped = int(group.all_reduce_sum(torch.tensor([dropped[0]]), "counting fitted examples"))
     hooks.all_reduce(group)
-    if dropped:
+    if dropped and group.is_main:
         warnings.warn(f"{dropped} examples with a non-finite loss (NaN/inf) were left out of the fitted moments",
                       stacklevel=2)
     return hooks.result(max(1, len(tok) - dropped))

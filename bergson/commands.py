@@ -93,7 +93,7 @@ def trackstar(cfg: TrackstarConfig) -> None:
     prompts, completions = _read_queries(cfg.queries, cfg.query_prompt_column, cfg.query_completion_column or None)
     build_fields = {f.name for f in dataclasses.fields(BuildConfig)}
     bcfg = BuildConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in build_fields})
-    if (out / MANIFEST).exists() and load_index(out, verify=False).complete and not cfg.overwrite:
+    if not cfg.overwrite and (out / MANIFEST).exists() and load_index(out, verify=False).complete:
         if _is_main():
             print(f"bergson: reusing the complete index in {out}")
     else:

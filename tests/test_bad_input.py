@@ -135,10 +135,14 @@ def test_nan_or_inf_loss(assets, tmp_path, capsys):
     with torch.no_grad():
         model.model.embed_tokens.weight[poison] = float("nan")
     texts = ["the cat sat on the mat", "zor is miralt", "a quick brown fox"]
-    with pytest.warns(UserWarning, match=r"1 documents had a non-finite loss or gradient \(NaN/inf\): their rows "
-                                         r"are zeros \(\[1\]\)"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         index = bergson.collect_gradients(model, datasets.Dataset.from_dict({"text": texts}), tokenizer=tok,
                                           projection_dim=4, progress=False, output_path=str(tmp_path / "i"))
+    assert [str(w.message) for w in caught if w.category is UserWarning] == [
+        "1 examples with a non-finite loss (NaN/inf) were left out of the fitted moments",
+        "1 documents had a non-finite loss or gradient (NaN/inf): their rows are zeros ([1])",
+    ]
     assert index.skipped_rows == [1] and index.manifest["shards"][0]["skipped"] == [1]
     ids, feats = index.load()
     assert feats[1].abs().max() == 0 and torch.isfinite(feats).all()

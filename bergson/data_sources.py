@@ -63,6 +63,11 @@ def load_model(spec: str | None, *, dtype: str = "auto", device: str = "auto", a
     """``(model, tokenizer, model_info, tokenizer_info)``; the infos identify them in the manifest."""
     path, local = resolve_model_path(spec)
     _offline(allow_download or local)
+    torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                   "float64": torch.float64}[dtype]
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if spec is None or spec == DEFAULT:
+        return _load_default(path, torch_dtype, dev)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kw = {"local_files_only": not allow_download}
@@ -75,8 +80,6 @@ def load_model(spec: str | None, *, dtype: str = "auto", device: str = "auto", a
             f"--model {spec!r} is not a local directory and is not in the local Hugging Face cache "
             "(no network access is attempted): pass a local model directory"
         ) from None
-    torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                   "float64": torch.float64}[dtype]
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kw)
     except ValueError as e:
@@ -87,7 +90,6 @@ def load_model(spec: str | None, *, dtype: str = "auto", device: str = "auto", a
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         raise ValueError(f"--model {spec or DEFAULT}: no usable tokenizer next to the model: {e}") from None
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model.to(dev)
     info = {
         "id": spec or DEFAULT,
@@ -97,10 +99,31 @@ def load_model(spec: str | None, *, dtype: str = "auto", device: str = "auto", a
         "class": type(model).__name__,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     }
-    if spec is None or spec == DEFAULT:
-        info["path"] = None  # machine-independent identity for the shipped model
     tok_info = {"class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
                 "hash": _tokenizer_hash(tokenizer)}
+    return model, tokenizer, info, tok_info
+
+
+def _load_default(path: str, dtype, device):
+    """The embedded default through :mod:`bergson.default.fast` (no transformers import: the
+    first batch comes seconds sooner; same parameter names, weights and logits)."""
+    import json
+
+    from .default import fast
+
+    model, tokenizer = fast.load(path, dtype)
+    model.to(device)
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    info = {
+        "id": DEFAULT,
+        "path": None,  # machine-independent identity for the shipped model
+        "revision": None,
+        "weights_sha256": weights_fingerprint(Path(path)),
+        "class": cfg["architectures"][0],
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
+    # the class transformers 5 loads this tokenizer as: an index built either way is the same run
+    tok_info = {"class": "TokenizersBackend", "vocab_size": len(tokenizer), "hash": _tokenizer_hash(tokenizer)}
     return model, tokenizer, info, tok_info
 
 

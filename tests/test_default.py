@@ -144,3 +144,51 @@ def test_shipped_model_recalls_heldout_facts(shipped):
             correct += out[0, p["input_ids"].shape[1]:].tolist() == target
     acc = correct / len(qs)
     assert acc >= recorded - 0.15, (acc, recorded)
+
+
+def test_fast_loader_equals_transformers():
+    """``bergson.default.fast`` (what the CLI loads) = transformers' LlamaForCausalLM: same
+    tokens, logits, parameter names, fingerprint and per-example features."""
+    import torch
+
+    import bergson
+    from bergson.collect import model_fingerprint
+    from bergson.data import pad_batch
+    from bergson.data_sources import _tokenizer_hash
+    from bergson.default import fast
+
+    hf_model, hf_tok = default.load_model()
+    model, tok = fast.load(default.model_path())
+    texts = [d["text"] for d in corpus.documents()[:300]]
+    comps = [q["completion"] for q in corpus.queries()[:50]]
+    assert tok(texts)["input_ids"] == hf_tok(texts)["input_ids"]
+    assert tok(comps, add_special_tokens=False)["input_ids"] == hf_tok(comps, add_special_tokens=False)["input_ids"]
+    assert tok.pad_token_id == hf_tok.pad_token_id and tok.eos_token_id == hf_tok.eos_token_id
+    assert _tokenizer_hash(tok) == _tokenizer_hash(hf_tok)
+    assert list(model.state_dict()) == list(hf_model.state_dict())
+    assert model_fingerprint(model) == model_fingerprint(hf_model)
+    ids = hf_tok(texts[:24])["input_ids"]
+    x, mask, _ = pad_batch(ids, ids, tok.pad_token_id)
+    assert not bool(mask.all())  # a padded batch
+    with torch.no_grad():
+        a, b = model(input_ids=x, attention_mask=mask).logits, hf_model(input_ids=x, attention_mask=mask).logits
+    real = mask.bool()
+    assert (a - b)[real].abs().max().item() < 1e-5 * b.abs().max().item()
+    kw = dict(projection_dim=0, normalizer="none", progress=False, token_batch_size=256)
+    ds = default.dataset().select(range(12))
+    f1 = bergson.collect_gradients(model, ds, tokenizer=tok, **kw).with_format("torch")[:]["gradients"]
+    f2 = bergson.collect_gradients(hf_model, ds, tokenizer=hf_tok, **kw).with_format("torch")[:]["gradients"]
+    assert ((f1 - f2).norm() / f2.norm()).item() < 1e-5
+
+
+def test_cli_default_model_does_not_import_transformers():
+    code = (
+        "import sys\n"
+        "from bergson.data_sources import load_model\n"
+        "model, tok, info, tok_info = load_model(None)\n"
+        "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
+        "print(info['class'], info['id'], tok_info['class'], type(model).__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["LlamaForCausalLM", "bergson:default", "TokenizersBackend", "bergson.default.fast"]

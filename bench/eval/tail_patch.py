@@ -2,9 +2,18 @@
 
 For each query (a held-out-template fact prompt with its expected completion) every method
 proposes its top-``k`` training documents ("proponents").  For each proponent *separately* the
-model takes one plain SGD step on that document's training loss (the summed next-token loss
+model takes one optimizer step on that document's training loss (the summed next-token loss
 over the document), and we measure how much the log-probability of the query's completion given
-its prompt went up.  Reported per method: the mean increase over the top-``k`` proponents,
+its prompt went up.
+
+The step (``--step``): ``adafactor`` (default; the paper steps with the training optimizer and
+its state) preconditions the document gradient by the index's own second moments,
+``ΔW = −lr·G ⊘ sqrt(v)`` with ``v = r cᵀ / mean(r)`` (the normalizers of the ``sum`` index), on
+the weights of the layers the index collects; the parameters without a moment (the input
+embedding, the RMSNorm weights) are not updated, and the lm_head, tied to the embedding in the
+default model, is untied for the step.  To first order the increase is then ``lr`` times the
+inner product of the index's (unprojected) normalized features of query and document.  ``sgd``:
+``θ ← θ − lr·g`` on every parameter.  Reported per method: the mean increase over the top-``k`` proponents,
 averaged over queries, with its standard error over queries, plus paired differences against
 BM25 and the ratio to random documents.
 
@@ -14,10 +23,12 @@ document loss of the index (``sum`` as in TrackStar, ``sum_log``), ``bm25`` (que
 completion) and ``random``; ``gold`` (the training documents that state the query's fact) is
 shown as a reference.
 
-The step size ``--lr`` (default 1e-4) keeps the update in the linear regime: the report
+The step size ``--lr`` (default 1e-5 for adafactor, 1e-4 for sgd: the largest of a 1-3-10 grid
+whose linearity deviation is under 0.05) keeps the update in the linear regime: the report
 checks it by repeating the step at ``2·lr`` for a few queries (a linear response doubles).
 
-    python bench/eval/tail_patch.py                         # 100 queries, k=10, p=16
+    python bench/eval/tail_patch.py                         # 100 queries, k=10, p=16, adafactor step
+    python bench/eval/tail_patch.py --step sgd              # plain SGD step
     python bench/eval/tail_patch.py --out bench/results/tail_patch.md
 """
 
@@ -43,15 +54,18 @@ from fact_tracing import bm25_scores  # noqa: E402
 
 GRADIENT_METHODS = ("trackstar", "cosine", "inner", "one_sided")
 METHODS = GRADIENT_METHODS + ("bm25", "random")
+DEFAULT_LR = {"adafactor": 1e-5, "sgd": 1e-4}  # chosen by the linearity check (bench/results/tail_patch.md)
 
 
 class TailPatcher:
-    """One SGD step per training document, evaluated on the targets that list the document.
+    """One (optionally preconditioned) step per training document, evaluated on the targets that
+    list the document.
 
     ``prompts``/``completions`` are the targets; :meth:`run` takes ``{method: [Q, k]}`` document
     indices and returns ``{method: [Q, k]}`` increases of the target's summed completion
     log-prob (tokenized exactly as bergson tokenizes a query) after one step of
-    ``θ ← θ − lr·∇_θ L_doc(θ)``, ``L_doc`` the summed next-token loss of the document.
+    ``θ ← θ − lr·∇_θ L_doc(θ)``, ``L_doc`` the summed next-token loss of the document, or with
+    ``precond`` ``θ_n ← θ_n − lr·P_n ⊙ ∇_n L_doc`` on the parameters ``n`` it names only.
 
     The model's own weights are never touched: per-document gradients of a batch of
     (length-sorted, right-padded) documents come from ``torch.func.vmap(grad(...))`` and the
@@ -63,12 +77,16 @@ class TailPatcher:
     """
 
     def __init__(self, model, tokenizer, prompts, completions, lr: float, *, doc_batch: int = 32,
-                 pair_batch: int = 64, dtype: torch.dtype = torch.float32):
+                 pair_batch: int = 64, dtype: torch.dtype = torch.float32,
+                 precond: dict[str, torch.Tensor] | None = None):
         import datasets
 
         from bergson.data import pad_batch, tokenize
 
         self.model, self.tokenizer, self.lr = model, tokenizer, lr
+        # None: plain SGD on every parameter; else θ_n ← θ_n − lr·P_n ⊙ g_n for the parameters in
+        # ``precond`` only (see :func:`adafactor_preconditioner`), the others are left as they are
+        self.precond = None if precond is None else {n: t.to(dtype) for n, t in precond.items()}
         self.doc_batch, self.pair_batch, self.dtype = doc_batch, pair_batch, dtype
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         q = tokenize(datasets.Dataset.from_dict({"prompt": list(prompts), "completion": list(completions)}),
@@ -76,6 +94,12 @@ class TailPatcher:
         # every target padded to the same width, so base and patched log-probs share one code path
         self.q_ids, _, self.q_labels = pad_batch(q.input_ids, q.labels, self.pad_id)
         self.params = {n: p.detach().to(dtype) for n, p in model.named_parameters()}  # the saved state θ
+        # A preconditioned layer whose weight is tied under another name (lm_head = embed_tokens) is
+        # patched on its own: the functional model is untied, the layer takes the gradient of its own
+        # use only and the other use (the input embedding) keeps θ.
+        self.untied = [n for n in (self.precond or {}) if n not in self.params]
+        for n in self.untied:
+            self.params[n] = model.get_parameter(n).detach().to(dtype)
         self.steps = 0  # documents stepped on
         with self._eager():
             self.base = torch.cat([self._logprob(self.params, None, rows, 0.0)
@@ -107,7 +131,7 @@ class TailPatcher:
 
         from bergson.data import per_example_loss
 
-        logits = functional_call(self.model, params, (ids[None],)).logits
+        logits = functional_call(self.model, params, (ids[None],), tie_weights=not self.untied).logits
         return per_example_loss(logits, labels[None])[0]
 
     def _doc_grads(self, docs: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -125,8 +149,11 @@ class TailPatcher:
 
         if grads is None:
             patched = {n: p.expand(len(rows), *p.shape) for n, p in params.items()}
-        else:
+        elif self.precond is None:
             patched = {n: p - lr * grads[n][slots] for n, p in params.items()}
+        else:
+            patched = {n: (p - lr * grads[n][slots] * self.precond[n]) if n in self.precond
+                       else p.expand(len(rows), *p.shape) for n, p in params.items()}
         return -vmap(self._seq_loss)(patched, self.q_ids[rows], self.q_labels[rows])
 
     # -- API ---------------------------------------------------------------------------------
@@ -160,6 +187,43 @@ class TailPatcher:
                 for m, p in proponents.items()}
 
 
+def adafactor_preconditioner(model, normalizers) -> dict[str, torch.Tensor]:
+    """``{parameter name: P}`` with ``P = 1 / sqrt(v)`` for the weight (and bias, when the index
+    has its moment) of every layer that has a normalizer, in the parameter's own orientation.
+
+    Adafactor: ``v = r cᵀ / mean(r)`` (``r``, ``c`` floored at the normalizer's ``eps``, 1e-30), so
+    ``P = diag(α) 1 1ᵀ diag(β)`` with the index's own ``scales()``; Adam: ``1 / (sqrt(v) + eps)``.
+    This is the preconditioning the index applies to every gradient, so one step
+    ``θ ← θ − lr·P ⊙ g_doc`` changes a target's log-prob by ``lr·Σ g_qᵀ (g_doc ⊘ v)`` to first order:
+    the (unprojected) inner product of the index's normalized features.  Keys are the layers' own
+    parameter names (``lm_head.weight`` even when it is tied to ``model.embed_tokens.weight``:
+    :class:`TailPatcher` then updates the lm_head use only — the embedding has no moment, and the
+    lm_head's row moments of never-predicted tokens are ~1e-13, which would blow up the embedding
+    rows of frequent input tokens such as BOS).
+    """
+    from bergson.layers import find_layers
+    from bergson.normalizers import AdafactorNormalizer
+
+    specs = find_layers(model, list(normalizers))
+    out: dict[str, torch.Tensor] = {}
+    for layer, norm in normalizers.items():
+        module, spec = model.get_submodule(layer), specs[layer]
+        if isinstance(norm, AdafactorNormalizer):
+            alpha, beta = norm.scales(torch.float64)
+            p = torch.outer(alpha, beta)
+        else:
+            p = (norm.avg_sq.double().sqrt() + norm.eps).reciprocal()
+        if spec.transposed:
+            p = p.T
+        if tuple(p.shape) != tuple(module.weight.shape):
+            raise ValueError(f"{layer}: second moment {tuple(p.shape)} vs weight {tuple(module.weight.shape)}")
+        out[f"{layer}.weight"] = p.float()  # the layer's own name, also when the weight is tied
+        b = norm.bias_scale(torch.float32)
+        if b is not None and getattr(module, "bias", None) is not None:
+            out[f"{layer}.bias"] = b
+    return out
+
+
 def summarize(per_query: torch.Tensor) -> tuple[float, float]:
     """Mean and standard error over queries of ``per_query [Q]``."""
     n = per_query.numel()
@@ -171,7 +235,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--queries", type=int, default=100, help="use the first N queries")
     ap.add_argument("--k", type=int, default=10, help="proponents per method and query")
-    ap.add_argument("--lr", type=float, default=1e-4, help="SGD step size on the summed document loss")
+    ap.add_argument("--step", default="adafactor", choices=["adafactor", "sgd"],
+                    help="adafactor: θ ← θ − lr·g ⊘ sqrt(v) on the collected layers' weights, v the second "
+                         "moments of the step index (--step_index); sgd: θ ← θ − lr·g on every parameter")
+    ap.add_argument("--lr", type=float, default=None,
+                    help=f"step size on the summed document loss (default: {DEFAULT_LR})")
+    ap.add_argument("--step_index", default=None,
+                    help="index whose normalizers precondition the adafactor step (default: the `sum` index, "
+                         "{prefix}_sum, built when missing)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     ap.add_argument("--no_gold", action="store_true", help="skip the gold-document reference row")
     ap.add_argument("--linearity_queries", type=int, default=10,
@@ -194,6 +265,7 @@ def main(argv=None):
     if bad:
         ap.error(f"unknown method(s) {bad}; choose from {METHODS}")
     reductions = [r.strip() for r in args.loss_reductions.split(",") if r.strip()]
+    lr = DEFAULT_LR[args.step] if args.lr is None else args.lr
     torch.set_num_threads(args.threads)
 
     import transformers
@@ -210,16 +282,21 @@ def main(argv=None):
     texts = list(docs["text"][:])
     n_q, n_docs, k = len(prompts), len(texts), args.k
 
+    prefix = args.index or str(ROOT / "runs" / f"eval_p{args.projection_dim}_{args.normalizer}")
+
+    def index(red: str) -> Path:
+        index_path = Path(f"{prefix}_{red}")  # the same indexes fact_tracing.py builds and reuses
+        if not (index_path / "manifest.json").exists():
+            bergson.collect_gradients(
+                model, docs, tokenizer=tok, projection_dim=args.projection_dim, normalizer=args.normalizer,
+                loss_reduction=red, output_path=str(index_path), progress=False,
+            )
+        return index_path
+
     proponents: dict[str, torch.Tensor] = {}
     if any(m in GRADIENT_METHODS for m in methods):
-        prefix = args.index or str(ROOT / "runs" / f"eval_p{args.projection_dim}_{args.normalizer}")
         for red in reductions:
-            index_path = Path(f"{prefix}_{red}")  # the same indexes fact_tracing.py builds and reuses
-            if not (index_path / "manifest.json").exists():
-                bergson.collect_gradients(
-                    model, docs, tokenizer=tok, projection_dim=args.projection_dim, normalizer=args.normalizer,
-                    loss_reduction=red, output_path=str(index_path), progress=False,
-                )
+            index_path = index(red)
             feats = None
             for score in (m for m in GRADIENT_METHODS if m in methods):
                 att = bergson.Attributor(index_path, model, tok, score=score, dataset=docs)
@@ -235,8 +312,25 @@ def main(argv=None):
         proponents["random"] = torch.stack([torch.randperm(n_docs, generator=g)[:k] for _ in range(n_q)])
     t_rank = time.perf_counter() - t0
 
+    precond, step_desc = None, f"one SGD step (lr={lr:g}) on every parameter"
+    if args.step == "adafactor":
+        step_path = Path(args.step_index) if args.step_index else index("sum")
+        norms = bergson.load_index(step_path).normalizers()
+        if not norms:
+            ap.error(f"--step adafactor needs an index with normalizers; {step_path} has none")
+        precond = adafactor_preconditioner(model, norms)
+        n_upd = sum(model.get_parameter(n).numel() for n in precond)
+        n_all = sum(p.numel() for p in model.parameters())
+        rest = sorted({".".join(n.split(".")[-2:]) for n, _ in model.named_parameters() if n not in precond})
+        tied = [n for n in precond if n not in dict(model.named_parameters())]  # tied to a parameter of another name
+        step_desc = (f"one Adafactor-preconditioned step (lr={lr:g}; ΔW = −lr·G ⊘ sqrt(v), v = r cᵀ / mean(r) "
+                     f"the second moments of the `{step_path.name}` index) on the weights of the {len(norms)} "
+                     f"collected layers ({n_upd:,} of {n_all:,} parameters"
+                     + (f"; {', '.join(tied)} is untied for the step: only its own use is updated, with its "
+                        "own gradient" if tied else "")
+                     + (f"; not updated: {', '.join(rest)}" if rest else "") + ")")
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    patcher = TailPatcher(model, tok, prompts, completions, args.lr, dtype=dtype)
+    patcher = TailPatcher(model, tok, prompts, completions, lr, dtype=dtype, precond=precond)
     doc_ids = tok(texts, add_special_tokens=True)["input_ids"]  # as bergson tokenizes a document
     order = list(proponents)  # gradient methods per index loss, then bm25, random
     deltas = patcher.run(doc_ids, {m: proponents[m] for m in order})
@@ -252,7 +346,7 @@ def main(argv=None):
         nl = min(args.linearity_queries, n_q)
         sub = {m: proponents[m][:nl] for m in order}
         d1 = torch.cat([deltas[m][:nl].flatten() for m in order])
-        d2 = torch.cat([v.flatten() for v in patcher.run(doc_ids, sub, lr=2 * args.lr).values()])
+        d2 = torch.cat([v.flatten() for v in patcher.run(doc_ids, sub, lr=2 * lr).values()])
         lin = ((d2 - 2 * d1).norm() / (2 * d1).norm()).item()
 
     wall = time.perf_counter() - t0
@@ -290,8 +384,8 @@ def main(argv=None):
         return "| " + " | ".join([name] + cells("") + cells("rel_") + [f"{br:.2f}" if br is not None else ""]) + " |"
 
     lines = [
-        f"Tail-patch on the embedded default: {n_q} queries, top-{k} proponents per method, one SGD step "
-        f"(lr={args.lr:g}) on each proponent's summed next-token loss, increase of the completion's "
+        f"Tail-patch on the embedded default: {n_q} queries, top-{k} proponents per method, {step_desc} "
+        f"on each proponent's summed next-token loss, increase of the completion's "
         f"log-prob (nats) given the prompt; index p={args.projection_dim}, normalizer={args.normalizer}, "
         f"document loss of the index `sum` (TrackStar) or as named; {steps} document steps; "
         f"{wall:.0f} s wall ({t_rank:.0f} s ranking, {t_patch:.0f} s patching; {args.threads} threads); "
@@ -318,6 +412,7 @@ def main(argv=None):
     report = "\n".join(lines)
     print(report)
     results["_meta"] = {"wall_s": wall, "steps": steps, "linearity": lin, "queries": n_q, "k": k,
+                        "step": args.step, "lr": lr,
                         "deltas": deltas, "base": patcher.base}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -171,8 +171,7 @@ def main(argv=None):
     from transformers import AutoModel, AutoTokenizer
 
     import bergson
-    from bergson.score import Autocorrelation, build_preconditioner
-    from mislabel_digits import detection
+    from mislabel_digits import self_influence
 
     texts, y, classes = load_bbc(args.limit, args.seed)
     tr, te, y_noisy, flipped = split_and_flip(y, len(classes), args.flip, args.seed)
@@ -215,16 +214,7 @@ def main(argv=None):
             layout = col.layout
         return torch.cat(out), layout
 
-    results = {"loss": detection(losses, flipped)}
-    raw, layout = features(None)
-    results["raw ‖g‖²"] = detection(raw.pow(2).sum(1), flipped)
-    adam, _ = features(bergson.normalizers_from_optimizer(top, opt))
-    results["adam ‖g‖²"] = detection(adam.pow(2).sum(1), flipped)
-    for name, feats in (("trackstar (raw)", raw), ("trackstar (adam)", adam)):
-        acc = Autocorrelation(layout)
-        acc.update(feats)
-        pre = build_preconditioner(layout, acc.result(), damping=1e-3).apply(feats)
-        results[f"{name} ‖R^-1/2 g‖²"] = detection(pre.pow(2).sum(1), flipped)
+    results = self_influence(features, losses, flipped, bergson.normalizers_from_optimizer(top, opt))
     wall = time.perf_counter() - t0
     t_collect = wall - t_frozen - t_train
     trained = f"last {args.train_layers} of {n_layers} encoder layers + head" if args.train_layers else "head only"
@@ -234,7 +224,7 @@ def main(argv=None):
         f"{args.max_length} tokens per article, {trained} trained {args.epochs} epochs with Adam "
         f"(lr {args.lr_layers:g} layers / {args.lr_head:g} head, batch {args.batch}); test accuracy {test_acc:.3f}, "
         f"training accuracy against the true labels {train_acc_clean:.3f}, flipped labels fitted {fit_flipped:.3f}; "
-        f"{len(layout)} Linear layers collected, p={args.projection_dim}; {wall:.0f} s wall "
+        f"{len(bergson.find_layers(top))} Linear layers collected, p={args.projection_dim}; {wall:.0f} s wall "
         f"({t_frozen:.0f} s frozen layers, {t_train:.0f} s training, {t_collect:.0f} s features and scores; "
         f"{args.threads} threads); torch {torch.__version__}, transformers {transformers.__version__}",
         "",

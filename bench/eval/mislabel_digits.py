@@ -68,6 +68,24 @@ def detection(scores: torch.Tensor, flipped: torch.Tensor) -> dict[str, float]:
     return out
 
 
+def self_influence(features, losses, flipped, adam_normalizers) -> dict[str, dict[str, float]]:
+    """Detection by the loss and by self-influence ``‖feature‖²`` of raw, Adam-normalized and
+    TrackStar-preconditioned (``R^-1/2``) features; ``features(normalizers) -> (feats, layout)``."""
+    from bergson.score import Autocorrelation, build_preconditioner
+
+    results = {"loss": detection(losses, flipped)}
+    raw, layout = features(None)
+    results["raw ‖g‖²"] = detection(raw.pow(2).sum(1), flipped)
+    adam, _ = features(adam_normalizers)
+    results["adam ‖g‖²"] = detection(adam.pow(2).sum(1), flipped)
+    for name, feats in (("trackstar (raw)", raw), ("trackstar (adam)", adam)):
+        acc = Autocorrelation(layout)
+        acc.update(feats)
+        pre = build_preconditioner(layout, acc.result(), damping=1e-3).apply(feats)
+        results[f"{name} ‖R^-1/2 g‖²"] = detection(pre.pow(2).sum(1), flipped)
+    return results
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--projection_dim", type=int, default=32)
@@ -80,7 +98,6 @@ def main(argv=None):
     t0 = time.perf_counter()
 
     import bergson
-    from bergson.score import Autocorrelation, build_preconditioner
 
     x, y, flipped, xt, yt = data(args.seed, args.flip)
     model, opt = train(x, y, args.epochs, args.seed)
@@ -94,16 +111,7 @@ def main(argv=None):
             nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
         return col.flat_gradients(), col.layout
 
-    results = {"loss": detection(losses, flipped)}
-    raw, layout = features(None)
-    results["raw ‖g‖²"] = detection(raw.pow(2).sum(1), flipped)
-    adam, _ = features(bergson.normalizers_from_optimizer(model, opt))
-    results["adam ‖g‖²"] = detection(adam.pow(2).sum(1), flipped)
-    for name, feats in (("trackstar (raw)", raw), ("trackstar (adam)", adam)):
-        acc = Autocorrelation(layout)
-        acc.update(feats)
-        pre = build_preconditioner(layout, acc.result(), damping=1e-3).apply(feats)
-        results[f"{name} ‖R^-1/2 g‖²"] = detection(pre.pow(2).sum(1), flipped)
+    results = self_influence(features, losses, flipped, bergson.normalizers_from_optimizer(model, opt))
     wall = time.perf_counter() - t0
     lines = [
         f"Digits mislabel detection: {len(y)} training images, {int(flipped.sum())} flipped labels "

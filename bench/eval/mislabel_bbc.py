@@ -171,7 +171,7 @@ def main(argv=None):
     from transformers import AutoModel, AutoTokenizer
 
     import bergson
-    from mislabel_digits import self_influence
+    from mislabel_digits import detection_report, self_influence
 
     texts, y, classes = load_bbc(args.limit, args.seed)
     tr, te, y_noisy, flipped = split_and_flip(y, len(classes), args.flip, args.seed)
@@ -227,12 +227,8 @@ def main(argv=None):
         f"{len(bergson.find_layers(top))} Linear layers collected, p={args.projection_dim}; {wall:.0f} s wall "
         f"({t_frozen:.0f} s frozen layers, {t_train:.0f} s training, {t_collect:.0f} s features and scores; "
         f"{args.threads} threads); torch {torch.__version__}, transformers {transformers.__version__}",
-        "",
-        "| self-influence | AUROC | flipped found in top 10% | in top 20% |",
-        "|---|---|---|---|",
     ]
-    lines += [f"| {k} | {v['auroc']:.3f} | {v['found@10%']:.3f} | {v['found@20%']:.3f} |" for k, v in results.items()]
-    report = "\n".join(lines)
+    report = detection_report(lines[0], results)
     print(report)
     results["_meta"] = {"wall_s": wall, "test_acc": test_acc, "fit_flipped": fit_flipped}
     if args.out:

@@ -86,6 +86,12 @@ def self_influence(features, losses, flipped, adam_normalizers) -> dict[str, dic
     return results
 
 
+def detection_report(header: str, results: dict) -> str:
+    """``header`` and a markdown table of the detection results."""
+    rows = [f"| {k} | {v['auroc']:.3f} | {v['found@10%']:.3f} | {v['found@20%']:.3f} |" for k, v in results.items()]
+    return "\n".join([header, "", "| self-influence | AUROC | flipped found in top 10% | in top 20% |", "|---|---|---|---|", *rows])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--projection_dim", type=int, default=32)
@@ -117,12 +123,8 @@ def main(argv=None):
         f"Digits mislabel detection: {len(y)} training images, {int(flipped.sum())} flipped labels "
         f"({args.flip:.0%}); MLP 64-128-10 trained {args.epochs} epochs (test accuracy {test_acc:.3f}); "
         f"p={args.projection_dim}; {wall:.1f} s wall; torch {torch.__version__}",
-        "",
-        "| self-influence | AUROC | flipped found in top 10% | in top 20% |",
-        "|---|---|---|---|",
     ]
-    lines += [f"| {k} | {v['auroc']:.3f} | {v['found@10%']:.3f} | {v['found@20%']:.3f} |" for k, v in results.items()]
-    report = "\n".join(lines)
+    report = detection_report(lines[0], results)
     print(report)
     if args.out:
         cmd = "python bench/eval/mislabel_digits.py " + " ".join(sys.argv[1:] if argv is None else argv)

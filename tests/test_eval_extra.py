@@ -136,7 +136,12 @@ def test_tail_patch_adafactor_step_by_hand(tp):
 
 
 def test_tail_patch_smoke(tp, tmp_path):
-    res = tp.main(["--queries", "24", "--index", str(tmp_path / "idx"), "--loss_reductions", "sum",
+    from bergson import default
+
+    # --model: any directory trained on the default corpus (here the shipped one, loaded through
+    # transformers instead of bergson.default)
+    res = tp.main(["--queries", "24", "--model", str(default.MODEL_DIR), "--index", str(tmp_path / "idx"),
+                   "--loss_reductions", "sum",
                    "--methods", "trackstar,bm25,random",
                    "--no_gold", "--linearity_queries", "2"])
     # Per-query normalized increases are the robust ordering (raw means are heavy-tailed: a few
@@ -145,6 +150,9 @@ def test_tail_patch_smoke(tp, tmp_path):
     assert res["bm25"]["rel_mean"] > res["random"]["rel_mean"] + res["random"]["rel_se"]
     assert res["trackstar"]["mean"] > res["random"]["mean"]
     assert res["_meta"]["linearity"] < 0.5
+    rnd = res["random"]
+    if rnd["mean"] <= 2 * rnd["se"] and rnd["mean"] + 2 * rnd["se"] > 0:  # ratio undefined: its lower bound
+        assert res["trackstar"]["x_random_lb"] == pytest.approx(res["trackstar"]["mean"] / (rnd["mean"] + 2 * rnd["se"]))
 
 
 def test_bbc_missing_packages_name_the_pip_command(mb, monkeypatch):

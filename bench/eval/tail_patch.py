@@ -256,6 +256,10 @@ def main(argv=None):
                          "the tail-patch step itself always uses the summed loss")
     ap.add_argument("--index", default=None,
                     help="index directory prefix (default: runs/eval_p{P}_{normalizer}); one index per loss")
+    ap.add_argument("--model", default=None,
+                    help="a model directory trained on the default corpus (e.g. an earlier, less saturated "
+                         "checkpoint from `scripts/train_default.py --epochs 10 --out runs/default_e10`); "
+                         "default: the embedded default model")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random proponents")
     ap.add_argument("--out", default=None, help="markdown report (default: print only)")
     ap.add_argument("--threads", type=int, default=2)
@@ -274,7 +278,13 @@ def main(argv=None):
     from bergson import default
 
     t0 = time.perf_counter()
-    model, tok = default.load_model()
+    if args.model:
+        from bergson.data_sources import load_model
+
+        model, tok = load_model(args.model, dtype="float32", device="cpu")[:2]
+    else:
+        model, tok = default.load_model()
+    model.eval()
     docs = default.dataset()
     qs = default.query_dataset().select(range(min(args.queries, len(default.queries()))))
     prompts, completions = list(qs["prompt"][:]), list(qs["completion"][:])
@@ -282,7 +292,8 @@ def main(argv=None):
     texts = list(docs["text"][:])
     n_q, n_docs, k = len(prompts), len(texts), args.k
 
-    prefix = args.index or str(ROOT / "runs" / f"eval_p{args.projection_dim}_{args.normalizer}")
+    tag = f"{Path(args.model).name}_" if args.model else ""
+    prefix = args.index or str(ROOT / "runs" / f"eval_{tag}p{args.projection_dim}_{args.normalizer}")
 
     def index(red: str) -> Path:
         index_path = Path(f"{prefix}_{red}")  # the same indexes fact_tracing.py builds and reuses
@@ -369,22 +380,29 @@ def main(argv=None):
             # a ratio only means something when random's own mean is clearly positive
             for key, mk, sk in (("x_random", "mean", "se"), ("rel_x_random", "rel_mean", "rel_se")):
                 results[m][key] = results[m][mk] / rnd[mk] if rnd[mk] > 2 * rnd[sk] else None
+                # random's effect indistinguishable from 0: the ratio to its upper 2-s.e. bound is a
+                # conservative lower bound of the ratio ("≥ x" in the report)
+                hi = rnd[mk] + 2 * rnd[sk]
+                results[m][key + "_lb"] = (results[m][mk] / hi if results[m][key] is None and hi > 0
+                                           and m != "random" else None)
 
     def fmt(m):
         r = results[m]
         name = f"gold ({deltas['gold'].shape[1]} docs stating the fact; reference)" if m == "gold" else m
 
         def cells(prefix):
-            d, xr = r.get(prefix + "minus_bm25"), r.get(prefix + "x_random")
+            d, xr, lb = r.get(prefix + "minus_bm25"), r.get(prefix + "x_random"), r.get(prefix + "x_random_lb")
+            ratio = (f"{xr:.1f}" if xr is not None else f"≥ {lb:.1f}" if lb is not None
+                     else ("n/a" if m != "random" and "random" in results else ""))
             return [f"{r[prefix + 'mean']:+.2e} ± {r[prefix + 'se']:.1e}",
-                    f"{d[0]:+.2e} ± {d[1]:.1e}" if d else "",
-                    f"{xr:.1f}" if xr is not None else ("n/a" if m != "random" and "random" in results else "")]
+                    f"{d[0]:+.2e} ± {d[1]:.1e}" if d else "", ratio]
 
         br = r.get("beats_random")
         return "| " + " | ".join([name] + cells("") + cells("rel_") + [f"{br:.2f}" if br is not None else ""]) + " |"
 
     lines = [
-        f"Tail-patch on the embedded default: {n_q} queries, top-{k} proponents per method, {step_desc} "
+        f"Tail-patch on {'the model in `' + args.model + '`' if args.model else 'the embedded default'} "
+        f"(median completion loss before the step {nll.median().item():.3g} nats): {n_q} queries, top-{k} proponents per method, {step_desc} "
         f"on each proponent's summed next-token loss, increase of the completion's "
         f"log-prob (nats) given the prompt; index p={args.projection_dim}, normalizer={args.normalizer}, "
         f"document loss of the index `sum` (TrackStar) or as named; {steps} document steps; "
@@ -401,8 +419,9 @@ def main(argv=None):
                   f"top-{k} proponents of a query, then over queries (s.e. over queries; \"minus bm25\" is the "
                   "per-query paired difference). Δ log p / NLL divides each increase by the query's completion "
                   "loss before the step (for a confident target, its log-odds increase), so that the few targets "
-                  "the model gets wrong do not dominate the average. × random is shown only where random's mean is "
-                  "more than 2 s.e. above zero"
+                  "the model gets wrong do not dominate the average. × random is the ratio of means where random's "
+                  "mean is more than 2 s.e. above zero; where it is not, \"≥ x\" divides by random's mean + 2 s.e. "
+                  "(a conservative lower bound of the ratio; n/a when that bound is not positive)"
                   + (f" (random: {rnd['mean']:+.2e} ± {rnd['se']:.1e} and {rnd['rel_mean']:+.2e} ± {rnd['rel_se']:.1e})."
                      if rnd else ".")
                   + f" Queries above random: share of queries whose top-{k} mean Δ log p beats random's."]

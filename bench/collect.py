@@ -140,7 +140,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def peak_memory_subprocess(args, size, method, norm) -> float:
+def peak_memory_subprocess(args, size, method, norm, p) -> float:
     """Peak RSS (MB) of one step of one method, in a fresh process (CPU).
 
     One warm-up step first (allocator caches, lazily built projections), then the kernel's
@@ -157,7 +157,7 @@ def peak_memory_subprocess(args, size, method, norm) -> float:
         "step()\n"
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
         "print(int(hwm.split()[1]) / 1024)\n"
-    ) % (str(ROOT), args.threads, size, args.batch, args.seq, method, args.p, norm)
+    ) % (str(ROOT), args.threads, size, args.batch, args.seq, method, p, norm)
     # Large blocks straight from mmap and returned on free: RSS then tracks live tensors instead
     # of whatever glibc's arenas happen to keep.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -191,10 +191,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="tiny,17m")
     ap.add_argument("--normalizers", default="none,adafactor,adam")
-    ap.add_argument("--p", type=int, default=16)
+    ap.add_argument("--p", default="16", help="projection size(s), comma-separated")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -209,9 +209,9 @@ def main(argv=None):
     for size in args.sizes.split(","):
         model, ids = setup(size, args.batch, args.seq, dtype, args.device)
         n_params = sum(q.numel() for q in model.parameters())
-        for norm in args.normalizers.split(","):
+        for norm, p in [(nm, int(q)) for nm in args.normalizers.split(",") for q in str(args.p).split(",")]:
             norms = normalizers_for(model, norm)
-            steps = {m: make_step(m, model, ids, args.p, norms) for m in methods}
+            steps = {m: make_step(m, model, ids, p, norms) for m in methods}
             times = {m: [] for m in methods}
             for r in range(args.warmup + args.rounds):
                 for m in methods:  # interleaved: every round runs every method once
@@ -222,10 +222,18 @@ def main(argv=None):
                     if r >= args.warmup:
                         times[m].append(time.perf_counter() - t0)
             med = {m: statistics.median(v) for m, v in times.items()}
+
+            def paired(num, den):
+                """Median and quartiles of the per-round ratio: both steps ran back to back in the
+                same round, so slow phases of a shared machine hit numerator and denominator alike."""
+                r = sorted(a / b for a, b in zip(times[num], times[den]))
+                q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+                return round(q[1], 3), round(q[0], 3), round(q[2], 3)
+
             for m in methods:
                 mem = float("nan")
                 if args.memory and not args.device.startswith("cuda"):
-                    mem = peak_memory_subprocess(args, size, m, norm)
+                    mem = peak_memory_subprocess(args, size, m, norm, p)
                 elif args.device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
                     steps[m]()
@@ -234,10 +242,12 @@ def main(argv=None):
                 tokens = ids.numel()
                 rows.append({
                     "size": size, "params_m": round(n_params / 1e6, 2), "normalizer": norm, "method": m,
-                    "p": args.p, "tokens": tokens, "median_s": round(med[m], 5),
+                    "p": p, "tokens": tokens, "median_s": round(med[m], 5),
                     "tokens_per_s": round(tokens / med[m], 1),
-                    "train_over_method": round(med["train"] / med[m], 3),
-                    "method_over_floor": round(med[m] / med["floor"], 3),
+                    "train_over_method": paired("train", m)[0],
+                    "train_over_method_q25_q75": "%.3f-%.3f" % paired("train", m)[1:],
+                    "method_over_floor": paired(m, "floor")[0],
+                    "method_over_floor_q25_q75": "%.3f-%.3f" % paired(m, "floor")[1:],
                     "peak_mem_mb": round(mem, 1),
                     "mfu_4flops": round(4 * n_params * tokens / med[m] / 1e12, 4) if m != "train" else None,
                 })
@@ -263,11 +273,16 @@ def write_report(args, rows, methods):
     lines = [f"# Collection vs training step ({tag})", "", header, "",
              "`train/method` > 1 means the method is cheaper than a training step; `method/floor` is the "
              "overhead over forward + input-gradient-only backward.", "",
-             "| size | params (M) | normalizer | method | tokens/s | train/method | method/floor | peak mem (MB) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Ratios are medians of per-round ratios (each round runs every method once, back to back), with "
+             "their quartiles; tokens/s is from each method's median time.", "",
+             "| size | params (M) | normalizer | p | method | tokens/s | train/method (q25–q75) | method/floor (q25–q75) "
+             "| peak mem (MB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['size']} | {r['params_m']} | {r['normalizer']} | {r['method']} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['train_over_method']:.3f} | {r['method_over_floor']:.3f} | {r['peak_mem_mb']} |")
+        lines.append(f"| {r['size']} | {r['params_m']} | {r['normalizer']} | {r['p']} | {r['method']} | "
+                     f"{r['tokens_per_s']:,.0f} | "
+                     f"{r['train_over_method']:.3f} ({r['train_over_method_q25_q75']}) | "
+                     f"{r['method_over_floor']:.3f} ({r['method_over_floor_q25_q75']}) | {r['peak_mem_mb']} |")
     lines += ["", f"Regenerate: `python bench/collect.py --sizes {args.sizes} --normalizers {args.normalizers} "
               f"--p {args.p} --rounds {args.rounds} --threads {args.threads}`", ""]
     (out / f"collect_{tag}.md").write_text("\n".join(lines))
@@ -278,13 +293,14 @@ def write_report(args, rows, methods):
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        sub = [r for r in rows if r["normalizer"] == args.normalizers.split(",")[0]]
+        p0 = int(str(args.p).split(",")[0])
+        sub = [r for r in rows if r["normalizer"] == args.normalizers.split(",")[0] and r["p"] == p0]
         for m in methods:
             pts = [(r["params_m"], r["tokens_per_s"]) for r in sub if r["method"] == m]
             ax.plot(*zip(*pts), marker="o", label=m)
         ax.set_xscale("log"), ax.set_yscale("log")
         ax.set_xlabel("parameters (M)"), ax.set_ylabel("tokens/s")
-        ax.set_title(f"{dev}\nnormalizer={args.normalizers.split(',')[0]}, p={args.p}", fontsize=8)
+        ax.set_title(f"{dev}\nnormalizer={args.normalizers.split(',')[0]}, p={p0}", fontsize=8)
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / f"collect_{tag}.png", dpi=120)

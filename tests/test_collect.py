@@ -149,3 +149,64 @@ def test_sum_log_reduction_is_the_sum_of_log_token_losses(tokenizer):
     for n in range(len(ids)):
         assert rel_err(grads[n], torch.cat([gt[n][k].flatten() for k in layers])) < 1e-6
     assert torch.allclose(torch.tensor(out["loss"], dtype=torch.float64), torch.tensor(expected_loss, dtype=torch.float64), rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 7 * 13], ids=["one-chunk", "many-chunks"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fused_next_token_loss_matches_cross_entropy(monkeypatch, dtype, chunk):
+    """The fused loss = F.cross_entropy on the shifted, upcast logits: values and logits gradient,
+    with ignored labels, odd shapes and chunk boundaries inside a row (13 logits per row: 7 rows
+    per chunk)."""
+    from bergson import data
+
+    monkeypatch.setattr(data, "_CE_CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(0)
+    B, S, V = 3, 17, 13
+    logits = (4 * torch.randn(B, S, V, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, V, (B, S), generator=g)
+    labels[0, 3:6] = IGNORE_INDEX
+    labels[2, 1:] = IGNORE_INDEX  # an example without any loss token
+    w = torch.randn(B, S - 1, generator=g, dtype=torch.float64)
+
+    tok = data._NextTokenCE.apply(logits, labels)
+    (grad,) = torch.autograd.grad((tok.double() * w).sum(), logits)
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    z = ref_logits[:, :-1].reshape(-1, V).to(torch.promote_types(dtype, torch.float32))
+    want = torch.nn.functional.cross_entropy(z, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
+                                             reduction="none").view(B, S - 1)
+    (grad_want,) = torch.autograd.grad((want.double() * w).sum(), ref_logits)
+    assert tok.dtype == want.dtype and grad.dtype == dtype
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    assert rel_err(tok.double(), want.double()) < tol
+    assert rel_err(grad.double(), grad_want.double()) < tol
+    assert torch.all(tok[labels[:, 1:] == IGNORE_INDEX] == 0) and torch.all(grad[2] == 0) and torch.all(grad[:, -1] == 0)
+    assert grad.abs().max() > 0.1  # the comparison is not between zeros
+
+
+def test_per_example_loss_under_torch_func_uses_the_plain_path():
+    """torch.func transforms (tail-patch's vmap(grad(...))) take the unfused path, same values."""
+    from bergson.data import per_example_loss
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 9, 11, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, 9), generator=g)
+    want = torch.autograd.grad(per_example_loss(logits.requires_grad_(True), labels).sum(), logits)[0]
+    got = torch.func.grad(lambda z: per_example_loss(z, labels).sum())(logits.detach())
+    assert rel_err(got, want) < 1e-12
+    per_row = torch.func.vmap(lambda z, y: per_example_loss(z[None], y[None])[0])(logits.detach(), labels)
+    assert rel_err(per_row, per_example_loss(logits.detach(), labels)) < 1e-12
+
+
+def test_fused_loss_keeps_small_losses_of_confident_tokens():
+    """Logits of magnitude ~60 with a confident target: the float32 loss (~1e-3 nats) must not be
+    the rounded difference of two ~60-sized numbers (ulp(60) ≈ 4e-6)."""
+    from bergson import data
+
+    g = torch.Generator().manual_seed(2)
+    z = 60 + torch.randn(2, 6, 50, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 50, (2, 6), generator=g)
+    z.scatter_(-1, labels.roll(-1, 1)[..., None], 71.0)  # the next token is 11 nats above the rest
+    truth = -torch.log_softmax(z[:, :-1], -1).gather(-1, labels[:, 1:, None])[..., 0]
+    got = data._NextTokenCE.apply(z.float(), labels).double()
+    assert 1e-4 < truth.min() and truth.max() < 1e-2
+    assert (got - truth).abs().max() < 3e-7  # float32 resolution near 1, not near 60

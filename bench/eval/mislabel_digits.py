@@ -25,6 +25,9 @@ from torch import nn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from eval_common import write_report  # noqa: E402
 
 
 def data(seed: int, flip: float):
@@ -126,9 +129,7 @@ def main(argv=None):
     ]
     report = detection_report(lines[0], results)
     print(report)
-    if args.out:
-        cmd = "python bench/eval/mislabel_digits.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        Path(args.out).write_text(f"# Mislabel detection (digits)\n\nRegenerate: `{cmd}`\n\n{report}\n")
+    write_report(args.out, "Mislabel detection (digits)", __file__, argv, report)
     return results
 
 

@@ -50,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from eval_common import write_report  # noqa: E402
+
 from fact_tracing import bm25_scores  # noqa: E402
 
 GRADIENT_METHODS = ("trackstar", "cosine", "inner", "one_sided")
@@ -433,10 +435,7 @@ def main(argv=None):
     results["_meta"] = {"wall_s": wall, "steps": steps, "linearity": lin, "queries": n_q, "k": k,
                         "step": args.step, "lr": lr,
                         "deltas": deltas, "base": patcher.base}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        cmd = "python bench/eval/tail_patch.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        Path(args.out).write_text(f"# Tail-patch\n\nRegenerate: `{cmd}`\n\n{report}\n")
+    write_report(args.out, "Tail-patch", __file__, argv, report)
     return results
 
 

@@ -160,17 +160,27 @@ def pad_batch(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad
     return input_ids.to(device), mask.to(device), lab.to(device)
 
 
-# Rows of logits processed at once by the fused loss: bounds its float32 temporaries to ~16 MB.
+# Logits processed at once by the fused loss (elements): bounds its float32 temporaries to ~16 MB
+# on CPU (cache-sized blocks) and ~256 MB on an accelerator (few, large kernel launches).
 _CE_CHUNK_ELEMENTS = 1 << 22
+_CE_CHUNK_ELEMENTS_ACCEL = 1 << 26
 
 
 def _ce_chunks(logits: torch.Tensor):
-    """``(b, s0, s1)`` blocks of the ``S-1`` predicting positions of ``logits [B, S, V]``."""
+    """Index tuples ``(rows, positions)`` covering the ``S-1`` predicting positions of
+    ``logits [B, S, V]``: blocks of whole examples when one fits, else pieces of one example."""
     b_, s_, v = logits.shape
-    rows = max(1, _CE_CHUNK_ELEMENTS // max(v, 1))
-    for b in range(b_):
-        for s0 in range(0, s_ - 1, rows):
-            yield b, s0, min(s0 + rows, s_ - 1)
+    budget = _CE_CHUNK_ELEMENTS if logits.device.type == "cpu" else _CE_CHUNK_ELEMENTS_ACCEL
+    per_row = max((s_ - 1) * v, 1)
+    if per_row <= budget:
+        step = budget // per_row
+        for b0 in range(0, b_, step):
+            yield slice(b0, min(b0 + step, b_)), slice(0, s_ - 1)
+    else:
+        rows = max(1, budget // max(v, 1))
+        for b in range(b_):
+            for s0 in range(0, s_ - 1, rows):
+                yield slice(b, b + 1), slice(s0, min(s0 + rows, s_ - 1))
 
 
 class _NextTokenCE(torch.autograd.Function):
@@ -195,11 +205,11 @@ class _NextTokenCE(torch.autograd.Function):
         # small loss is not the difference of two large numbers (lse − z_t would lose it in float32)
         mx = torch.empty(t.shape, dtype=wdt, device=logits.device)
         lse0 = torch.empty_like(mx)  # log Σ exp(z − m)
-        for b, s0, s1 in _ce_chunks(logits):
-            z = logits[b, s0:s1].to(wdt)
+        for rows, pos in _ce_chunks(logits):
+            z = logits[rows, pos].to(wdt)
             m = z.amax(-1, keepdim=True)
-            mx[b, s0:s1] = m[:, 0]
-            lse0[b, s0:s1] = (z - m).exp_().sum(-1).log_()
+            mx[rows, pos] = m[..., 0]
+            lse0[rows, pos] = (z - m).exp_().sum(-1).log_()
         picked = logits[:, :-1].gather(-1, t.unsqueeze(-1)).squeeze(-1).to(wdt)
         ctx.save_for_backward(logits, t, valid, mx + lse0)
         return torch.where(valid, lse0 - (picked - mx), 0.0)
@@ -211,14 +221,14 @@ class _NextTokenCE(torch.autograd.Function):
         g = torch.where(valid, grad_tok.to(lse.dtype), 0.0)
         grad = torch.empty_like(logits)
         grad[:, -1].zero_()  # the last position predicts nothing
-        same = logits.dtype == lse.dtype
-        for b, s0, s1 in _ce_chunks(logits):
-            blk = grad[b, s0:s1] if same else None
-            blk = torch.sub(logits[b, s0:s1].to(lse.dtype), lse[b, s0:s1, None], out=blk)
-            blk.exp_().mul_(g[b, s0:s1, None])
-            blk.scatter_add_(-1, t[b, s0:s1, None], -g[b, s0:s1, None])
+        same = logits.dtype == lse.dtype  # then write straight into the gradient, else via a block
+        for rows, pos in _ce_chunks(logits):
+            blk = torch.sub(logits[rows, pos].to(lse.dtype), lse[rows, pos, None],
+                            out=grad[rows, pos] if same else None)
+            blk.exp_().mul_(g[rows, pos, None])
+            blk.scatter_add_(-1, t[rows, pos, None], -g[rows, pos, None])
             if not same:
-                grad[b, s0:s1] = blk
+                grad[rows, pos] = blk
         return grad, None
 
 

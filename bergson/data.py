@@ -232,6 +232,15 @@ class _NextTokenCE(torch.autograd.Function):
         return grad, None
 
 
+def _under_torch_func(t: torch.Tensor) -> bool:
+    """Whether ``t`` is wrapped by a torch.func transform (vmap, grad, ...)."""
+    try:
+        from torch._C._functorch import is_functorch_wrapped_tensor
+    except ImportError:  # a torch without this (private) helper: assume plain autograd
+        return False
+    return is_functorch_wrapped_tensor(t)
+
+
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """Next-token cross-entropy per example: ``logits [B, S, V]``, ``labels [B, S]`` -> ``[B]``.
 
@@ -246,9 +255,7 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str 
     if reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
     target = labels[:, 1:].to(logits.device)
-    from torch._C._functorch import is_functorch_wrapped_tensor
-
-    if logits.dim() == 3 and logits.shape[1] > 1 and not is_functorch_wrapped_tensor(logits):
+    if logits.dim() == 3 and logits.shape[1] > 1 and not _under_torch_func(logits):
         tok = _NextTokenCE.apply(logits, labels)
     else:  # under torch.func transforms (vmap/grad), which the fused autograd.Function does not support
         z = logits[:, :-1]

@@ -28,6 +28,17 @@ def mb():
     return _load("mislabel_bbc")
 
 
+def _completion_logp(model, tok, prompt: str, completion: str) -> float:
+    """log p(completion | prompt) under ``model``, through bergson's own loss."""
+    from bergson.data import pad_batch, per_example_loss
+
+    ids = tok(prompt)["input_ids"]
+    comp = tok(completion, add_special_tokens=False)["input_ids"]
+    x, mask, y = pad_batch([ids + comp], [[-100] * len(ids) + comp], tok.pad_token_id)
+    with torch.no_grad():
+        return -per_example_loss(model(input_ids=x, attention_mask=mask).logits, y)[0].item()
+
+
 def test_tail_patch_matches_a_plain_sgd_step(tp):
     """The batched functional patching equals: copy the model, one SGD step, re-evaluate."""
     import copy
@@ -47,11 +58,7 @@ def test_tail_patch_matches_a_plain_sgd_step(tp):
     got = patcher.run(docs, {"m": props})["m"]
 
     def logp(m, q):
-        ids = tok(qs["prompt"][q])["input_ids"]
-        comp = tok(qs["completion"][q], add_special_tokens=False)["input_ids"]
-        x, mask, y = pad_batch([ids + comp], [[-100] * len(ids) + comp], tok.pad_token_id)
-        with torch.no_grad():
-            return -per_example_loss(m(input_ids=x, attention_mask=mask).logits, y)[0].item()
+        return _completion_logp(m, tok, qs["prompt"][q], qs["completion"][q])
 
     for q in range(3):
         for j, d in enumerate(props[q].tolist()):
@@ -107,11 +114,7 @@ def test_tail_patch_adafactor_step_by_hand(tp):
     got = patcher.run(docs, {"m": props})["m"]
 
     def logp(m, q):
-        ids = tok(qs["prompt"][q])["input_ids"]
-        comp = tok(qs["completion"][q], add_special_tokens=False)["input_ids"]
-        x, mask, y = pad_batch([ids + comp], [[-100] * len(ids) + comp], tok.pad_token_id)
-        with torch.no_grad():
-            return -per_example_loss(m(input_ids=x, attention_mask=mask).logits, y)[0].item()
+        return _completion_logp(m, tok, qs["prompt"][q], qs["completion"][q])
 
     deltas = []
     for q in range(2):

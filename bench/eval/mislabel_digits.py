@@ -30,12 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_common import write_report  # noqa: E402
 
 
-def data(seed: int, flip: float):
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32) / 16.0
-    y = torch.tensor(y)
+def split_and_flip(y: torch.Tensor, n_classes: int, flip: float, seed: int):
+    """Seeded 80/20 split; ``flip`` of the training labels moved to a different class."""
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(y), generator=g)
     n_train = int(0.8 * len(y))
@@ -43,8 +39,18 @@ def data(seed: int, flip: float):
     y_noisy = y[tr].clone()
     flipped = torch.zeros(n_train, dtype=torch.bool)
     idx = torch.randperm(n_train, generator=g)[: int(flip * n_train)]
-    y_noisy[idx] = (y_noisy[idx] + torch.randint(1, 10, (len(idx),), generator=g)) % 10  # a different class
+    y_noisy[idx] = (y_noisy[idx] + torch.randint(1, n_classes, (len(idx),), generator=g)) % n_classes
     flipped[idx] = True
+    return tr, te, y_noisy, flipped
+
+
+def data(seed: int, flip: float):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32) / 16.0
+    y = torch.tensor(y)
+    tr, te, y_noisy, flipped = split_and_flip(y, 10, flip, seed)
     return x[tr], y_noisy, flipped, x[te], y[te]
 
 

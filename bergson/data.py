@@ -160,27 +160,19 @@ def pad_batch(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad
     return input_ids.to(device), mask.to(device), lab.to(device)
 
 
-# Logits processed at once by the fused loss (elements): bounds its float32 temporaries to ~16 MB
-# on CPU (cache-sized blocks) and ~256 MB on an accelerator (few, large kernel launches).
-_CE_CHUNK_ELEMENTS = 1 << 22
+# Rows of logits processed at once by the fused loss, in elements: ~1 MB of float32 on CPU, so a
+# block stays in cache across its passes and the one scratch buffer is reused (a fresh 16-32 MB
+# temporary per block cost more in page faults than the arithmetic); ~256 MB on an accelerator
+# (few, large kernel launches).
+_CE_CHUNK_ELEMENTS = 1 << 20
 _CE_CHUNK_ELEMENTS_ACCEL = 1 << 26
 
 
-def _ce_chunks(logits: torch.Tensor):
-    """Index tuples ``(rows, positions)`` covering the ``S-1`` predicting positions of
-    ``logits [B, S, V]``: blocks of whole examples when one fits, else pieces of one example."""
-    b_, s_, v = logits.shape
-    budget = _CE_CHUNK_ELEMENTS if logits.device.type == "cpu" else _CE_CHUNK_ELEMENTS_ACCEL
-    per_row = max((s_ - 1) * v, 1)
-    if per_row <= budget:
-        step = budget // per_row
-        for b0 in range(0, b_, step):
-            yield slice(b0, min(b0 + step, b_)), slice(0, s_ - 1)
-    else:
-        rows = max(1, budget // max(v, 1))
-        for b in range(b_):
-            for s0 in range(0, s_ - 1, rows):
-                yield slice(b, b + 1), slice(s0, min(s0 + rows, s_ - 1))
+def _ce_blocks(n_rows: int, vocab: int, device: torch.device):
+    """``(start, stop)`` row ranges of a ``[n_rows, vocab]`` logits matrix, one block each."""
+    budget = _CE_CHUNK_ELEMENTS if device.type == "cpu" else _CE_CHUNK_ELEMENTS_ACCEL
+    rows = max(1, budget // max(vocab, 1))
+    return [(r, min(r + rows, n_rows)) for r in range(0, n_rows, rows)]
 
 
 class _NextTokenCE(torch.autograd.Function):
@@ -189,46 +181,59 @@ class _NextTokenCE(torch.autograd.Function):
 
     Same values and gradient as ``F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), ...,
     reduction="none")``, without its full-size intermediates: no shifted/upcast copy of the
-    logits, no stored log-softmax (only the per-token log-sum-exp), and backward writes
-    ``softmax − onehot`` once, straight into the logits' gradient, chunk by chunk.  At a 16k
-    vocabulary the plain path's copies, fills and log-softmax passes cost ~7% of a 100M model's
-    collection step on CPU, and ~3 logits-sized buffers of memory.
+    logits and no stored log-softmax.  The logits are walked as ``[B*S, V]`` rows in blocks (the
+    last position of each example, which predicts nothing, gets weight 0): forward runs
+    log-softmax (max-shifted, so a confident token keeps its small loss) into one reused scratch
+    block and keeps the target's entry; backward writes ``softmax``, scales it by the incoming
+    gradient and subtracts it at the target, straight into the logits' gradient.
     """
 
     @staticmethod
     def forward(ctx, logits, labels):
+        b_, s_, v = logits.shape
         wdt = torch.promote_types(logits.dtype, torch.float32)
-        target = labels[:, 1:].to(logits.device)
-        valid = target != IGNORE_INDEX
-        t = torch.where(valid, target, 0)
-        # loss = log Σ exp(z − m) − (z_t − m), m = max z: like log_softmax, a confident token's
-        # small loss is not the difference of two large numbers (lse − z_t would lose it in float32)
-        mx = torch.empty(t.shape, dtype=wdt, device=logits.device)
-        lse0 = torch.empty_like(mx)  # log Σ exp(z − m)
-        for rows, pos in _ce_chunks(logits):
-            z = logits[rows, pos].to(wdt)
-            m = z.amax(-1, keepdim=True)
-            mx[rows, pos] = m[..., 0]
-            lse0[rows, pos] = (z - m).exp_().sum(-1).log_()
-        picked = logits[:, :-1].gather(-1, t.unsqueeze(-1)).squeeze(-1).to(wdt)
-        ctx.save_for_backward(logits, t, valid, mx + lse0)
-        return torch.where(valid, lse0 - (picked - mx), 0.0)
+        t = torch.full((b_, s_), IGNORE_INDEX, dtype=torch.long, device=logits.device)
+        t[:, :-1] = labels[:, 1:].to(logits.device)
+        t = t.view(-1)  # row r of [B*S, V] predicts t[r]
+        valid = t != IGNORE_INDEX
+        t = torch.where(valid, t, 0)
+        z = logits.reshape(b_ * s_, v)
+        blocks = _ce_blocks(b_ * s_, v, logits.device)
+        scratch = torch.empty(blocks[0][1], v, dtype=wdt, device=logits.device)
+        tok = torch.empty(b_ * s_, dtype=wdt, device=logits.device)
+        for r0, r1 in blocks:
+            blk = scratch[: r1 - r0]
+            zb = z[r0:r1]
+            if zb.dtype != wdt:
+                zb = blk.copy_(zb)
+            torch.log_softmax(zb, -1, out=blk)
+            torch.gather(blk, 1, t[r0:r1, None], out=tok[r0:r1, None])
+        ctx.save_for_backward(logits, t, valid)
+        return torch.where(valid, tok, 0.0).neg_().view(b_, s_)[:, :-1].contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_tok):
-        logits, t, valid, lse = ctx.saved_tensors
-        g = torch.where(valid, grad_tok.to(lse.dtype), 0.0)
-        grad = torch.empty_like(logits)
-        grad[:, -1].zero_()  # the last position predicts nothing
-        same = logits.dtype == lse.dtype  # then write straight into the gradient, else via a block
-        for rows, pos in _ce_chunks(logits):
-            blk = torch.sub(logits[rows, pos].to(lse.dtype), lse[rows, pos, None],
-                            out=grad[rows, pos] if same else None)
-            blk.exp_().mul_(g[rows, pos, None])
-            blk.scatter_add_(-1, t[rows, pos, None], -g[rows, pos, None])
+        logits, t, valid = ctx.saved_tensors
+        b_, s_, v = logits.shape
+        wdt = torch.promote_types(logits.dtype, torch.float32)
+        g = torch.zeros(b_, s_, dtype=wdt, device=logits.device)
+        g[:, :-1] = grad_tok
+        g = torch.where(valid, g.view(-1), 0.0)[:, None]  # [B*S, 1]
+        z = logits.reshape(b_ * s_, v)
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        gz = grad.view(b_ * s_, v)
+        blocks = _ce_blocks(b_ * s_, v, logits.device)
+        same = logits.dtype == wdt  # then write straight into the gradient, else via a scratch block
+        scratch = None if same else torch.empty(blocks[0][1], v, dtype=wdt, device=logits.device)
+        for r0, r1 in blocks:
+            blk = gz[r0:r1] if same else scratch[: r1 - r0]
+            zb = z[r0:r1] if same else blk.copy_(z[r0:r1])
+            torch.softmax(zb, -1, out=blk)
+            blk.mul_(g[r0:r1])
+            blk.scatter_add_(1, t[r0:r1, None], -g[r0:r1])
             if not same:
-                grad[rows, pos] = blk
+                gz[r0:r1] = blk
         return grad, None
 
 

@@ -151,12 +151,12 @@ def test_sum_log_reduction_is_the_sum_of_log_token_losses(tokenizer):
     assert torch.allclose(torch.tensor(out["loss"], dtype=torch.float64), torch.tensor(expected_loss, dtype=torch.float64), rtol=1e-6)
 
 
-@pytest.mark.parametrize("chunk", [1 << 22, 2 * 16 * 13, 7 * 13], ids=["one-chunk", "two-rows", "in-row-chunks"])
+@pytest.mark.parametrize("chunk", [1 << 22, 32 * 13, 7 * 13, 13], ids=["one-block", "32-rows", "7-rows", "1-row"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_fused_next_token_loss_matches_cross_entropy(monkeypatch, dtype, chunk):
     """The fused loss = F.cross_entropy on the shifted, upcast logits: values and logits gradient,
-    with ignored labels, odd shapes and chunk boundaries: all examples at once, blocks of two
-    examples (16 predicting positions × 13 logits each), and pieces of 7 positions."""
+    with ignored labels, odd shapes and block boundaries: all 3×17 rows at once, blocks of 32 rows
+    (across an example's end), of 7 rows (the last block shorter) and of single rows."""
     from bergson import data
 
     monkeypatch.setattr(data, "_CE_CHUNK_ELEMENTS", chunk)

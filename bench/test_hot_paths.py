@@ -3,9 +3,6 @@
 Shapes are a 17M-Llama MLP layer (384 -> 1024) on a batch of 8 x 128 tokens, p = 16.
 """
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch

@@ -12,7 +12,6 @@ Heavy imports (transformers, datasets) happen only once a command runs, so ``--h
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 COMMANDS = ("build", "query", "score", "trackstar")
@@ -54,9 +53,6 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Busy-waiting OpenMP threads make small models several times slower on shared CPUs;
-    # this must be set before torch is imported.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "build")  # short form: bergson OUT ...

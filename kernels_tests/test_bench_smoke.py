@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_smoke_writes_results(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_WAIT_POLICY="PASSIVE")
+    env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "bench_kernels.py"), "--smoke", "--out", str(tmp_path)],
         cwd=REPO,

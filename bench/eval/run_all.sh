@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-runs/eval_reports}
 mkdir -p "$OUT"
-export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 rm -rf runs/eval_p16_adafactor_sum runs/eval_p16_adafactor_sum_log runs/eval_default_e10_p16_adafactor_sum \
   runs/eval_default_e10_p16_adafactor_sum_log   # time the index builds too
 start=$(date +%s)

@@ -269,7 +269,8 @@ def write_report(args, rows, methods):
 
     header = (f"machine: {dev}; torch {torch.__version__}; transformers {transformers.__version__}; "
               f"commit {git_commit()}; batch {args.batch}×{args.seq} tokens; p={args.p}; dtype {args.dtype}; "
-              f"median of {args.rounds} interleaved rounds")
+              f"median of {args.rounds} interleaved rounds; "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY') or 'unset (libgomp default)'}")
     with open(out / f"collect_{tag}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

@@ -403,7 +403,8 @@ def main(argv=None):
 
     lines = [
         f"Tail-patch on {'the model in `' + args.model + '`' if args.model else 'the embedded default'} "
-        f"(median completion loss before the step {nll.median().item():.3g} nats): {n_q} queries, top-{k} proponents per method, {step_desc} "
+        f"(median completion loss before the step {nll.median().item():.3g} nats, "
+        f"{(nll > 0.1).float().mean().item():.0%} of queries above 0.1): {n_q} queries, top-{k} proponents per method, {step_desc} "
         f"on each proponent's summed next-token loss, increase of the completion's "
         f"log-prob (nats) given the prompt; index p={args.projection_dim}, normalizer={args.normalizer}, "
         f"document loss of the index `sum` (TrackStar) or as named; {steps} document steps; "

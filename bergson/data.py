@@ -160,10 +160,10 @@ def pad_batch(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad
     return input_ids.to(device), mask.to(device), lab.to(device)
 
 
-# Rows of logits processed at once by the fused loss, in elements: ~1 MB of float32 on CPU, so a
-# block stays in cache across its passes and the one scratch buffer is reused (a fresh 16-32 MB
-# temporary per block cost more in page faults than the arithmetic); ~256 MB on an accelerator
-# (few, large kernel launches).
+# Logits processed at once by the fused loss, in elements (whole rows): 2^20 (4 MB of float32) on
+# CPU, where 2^18-2^22 measured alike once the scratch block is reused (a fresh 16 MB temporary
+# per block cost more in page faults than the arithmetic); 2^26 on an accelerator (few, large
+# kernel launches).
 _CE_CHUNK_ELEMENTS = 1 << 20
 _CE_CHUNK_ELEMENTS_ACCEL = 1 << 26
 
@@ -199,7 +199,7 @@ class _NextTokenCE(torch.autograd.Function):
         t = torch.where(valid, t, 0)
         z = logits.reshape(b_ * s_, v)
         blocks = _ce_blocks(b_ * s_, v, logits.device)
-        scratch = torch.empty(blocks[0][1], v, dtype=wdt, device=logits.device)
+        scratch = torch.empty(blocks[0][1] if blocks else 0, v, dtype=wdt, device=logits.device)
         tok = torch.empty(b_ * s_, dtype=wdt, device=logits.device)
         for r0, r1 in blocks:
             blk = scratch[: r1 - r0]
@@ -225,7 +225,7 @@ class _NextTokenCE(torch.autograd.Function):
         gz = grad.view(b_ * s_, v)
         blocks = _ce_blocks(b_ * s_, v, logits.device)
         same = logits.dtype == wdt  # then write straight into the gradient, else via a scratch block
-        scratch = None if same else torch.empty(blocks[0][1], v, dtype=wdt, device=logits.device)
+        scratch = None if same or not blocks else torch.empty(blocks[0][1], v, dtype=wdt, device=logits.device)
         for r0, r1 in blocks:
             blk = gz[r0:r1] if same else scratch[: r1 - r0]
             zb = z[r0:r1] if same else blk.copy_(z[r0:r1])

@@ -183,6 +183,16 @@ def test_fused_next_token_loss_matches_cross_entropy(monkeypatch, dtype, chunk):
     assert grad.abs().max() > 0.1  # the comparison is not between zeros
 
 
+def test_fused_loss_of_an_empty_batch():
+    """No examples: an empty loss and an empty gradient, not an error (there is no first block)."""
+    from bergson.data import per_example_loss
+
+    logits = torch.randn(0, 5, 7, requires_grad=True)
+    loss = per_example_loss(logits, torch.zeros(0, 5, dtype=torch.long))
+    loss.sum().backward()
+    assert loss.shape == (0,) and logits.grad.shape == (0, 5, 7)
+
+
 def test_per_example_loss_under_torch_func_uses_the_plain_path():
     """torch.func transforms (tail-patch's vmap(grad(...))) take the unfused path, same values."""
     from bergson.data import per_example_loss

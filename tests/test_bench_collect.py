@@ -42,3 +42,18 @@ def test_collect_bench_writes_paired_report(bench, tmp_path):
                        and t["p"] == r["p"])) / float(r["min_s"]), abs=2e-3)
     md = (tmp_path / "collect_cpu.md").read_text()
     assert "| tiny |" in md and "train/method (q25–q75)" in md and "--p 4,8" in md
+
+
+def test_pipeline_bench_writes_its_report(tmp_path):
+    """bench/pipeline.py: collect_gradients end to end vs bare collector steps, alternated."""
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("bench_pipeline", ROOT / "bench" / "pipeline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    median = mod.main(["--size", "tiny", "--docs", "8", "--batch", "4", "--seq", "16", "--p", "4",
+                       "--rounds", "3", "--threads", "1", "--device", "cpu", "--out", str(tmp_path)])
+    md = (tmp_path / "pipeline_cpu.md").read_text()
+    ratios = [float(line.split("|")[4]) for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(ratios) == 3 and all(r > 0 for r in ratios)
+    assert median == pytest.approx(sorted(ratios)[1], abs=1e-3)  # the median of three rounds
+    assert "8 documents × 16 tokens" in md and f"**{median:.3f}**" in md

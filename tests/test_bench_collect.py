@@ -57,25 +57,3 @@ def test_pipeline_bench_writes_its_report(tmp_path):
     assert len(ratios) == 3 and all(r > 0 for r in ratios)
     assert median == pytest.approx(sorted(ratios)[1], abs=1e-3)  # the median of three rounds
     assert "8 documents × 16 tokens" in md and f"**{median:.3f}**" in md
-
-
-def test_kernel_bench_smoke_checks_every_row(tmp_path):
-    """bench/bench_kernels.py --smoke (the kernel step of bench/gpu_report.sh, on tiny shapes through
-    Triton's interpreter): every implementation is checked against the reference before timing."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_kernels.py"), "--smoke", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    rows = list(csv.DictReader(open(tmp_path / "kernels_cpu-interpreter.csv")))
-    assert {r["impl"] for r in rows} == {"torch", "triton", "naive"}
-    assert {r["method"] for r in rows} == {"factored", "adam"}
-    for r in rows:
-        assert r["status"] == "ok (interpreter, not kernel speed)", r
-        assert float(r["ms_p50"]) > 0
-        err = float(r["rel_err_vs_torch"])
-        # bf16 inputs, fp32 accumulation: the kernels agree with the reference to ~1e-2 at worst
-        assert err == 0 if r["impl"] == "torch" else 0 <= err < 2e-2, r
-    assert "interpreter, not kernel speed" in (tmp_path / "kernels_cpu-interpreter.md").read_text()
